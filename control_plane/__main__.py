@@ -1,0 +1,5 @@
+import sys
+
+from control_plane.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""Wire the control plane's parts together and run them until a signal stops them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from control_plane.admin.app import create_admin_app
+from control_plane.config.loader import load_registry
+from control_plane.metrics import ControlPlaneMetrics
+from control_plane.service import ControlPlane
+from control_plane.watcher import ConfigWatcher
+from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.server import AdsServicer, create_grpc_server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    config_path: Path
+    xds_host: str = "127.0.0.1"
+    xds_port: int = 18000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8081
+    reload_interval_s: float = 1.0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(settings: ServeSettings) -> None:
+    registry = load_registry(settings.config_path)  # ConfigError: refuse to start, the caller reports it
+    metrics = ControlPlaneMetrics.create()
+    cache = SnapshotCache()
+    plane = ControlPlane(registry, cache=cache, metrics=metrics)
+    watcher = ConfigWatcher(settings.config_path, plane.apply_registry, metrics, settings.reload_interval_s)
+
+    grpc_server, xds_port = create_grpc_server(AdsServicer(cache, plane, metrics), f"{settings.xds_host}:{settings.xds_port}")
+    admin_socket = _bind(settings.admin_host, settings.admin_port)
+    admin_port = admin_socket.getsockname()[1]
+    admin = uvicorn.Server(
+        uvicorn.Config(create_admin_app(plane, metrics, watcher), log_level="warning", access_log=False, lifespan="off")
+    )
+    # uvicorn would install its own signal handlers; ours stop everything together.
+    admin.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    watcher.install_sighup(loop)
+
+    await grpc_server.start()
+    admin_task = asyncio.create_task(admin.serve(sockets=[admin_socket]))
+    watch_task = asyncio.create_task(watcher.run())
+    while not admin.started and not admin_task.done():
+        await asyncio.sleep(0.01)
+    print(f"READY xds={settings.xds_host}:{xds_port} admin={settings.admin_host}:{admin_port}", flush=True)
+    log.info("control plane serving xDS on %s:%d, admin on %s:%d", settings.xds_host, xds_port, settings.admin_host, admin_port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("control plane stopping")
+        watch_task.cancel()
+        admin.should_exit = True
+        await grpc_server.stop(grace=1.0)
+        await admin_task

@@ -1,0 +1,48 @@
+"""The control plane's own Prometheus metrics, on a registry that is passed in (never the global one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass(frozen=True)
+class ControlPlaneMetrics:
+    registry: CollectorRegistry
+    xds_pushes: Counter
+    xds_nacks: Counter
+    xds_connected: Gauge
+    snapshot_build_seconds: Histogram
+    config_reloads: Counter
+    snapshot_inconsistent: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> ControlPlaneMetrics:
+        registry = registry or CollectorRegistry()
+        return cls(
+            registry=registry,
+            xds_pushes=Counter(
+                "llm_gateway_xds_pushes", "xDS responses sent to Envoys.", ["type"], registry=registry
+            ),
+            xds_nacks=Counter(
+                "llm_gateway_xds_nacks", "xDS responses Envoys rejected (NACK).", ["type"], registry=registry
+            ),
+            xds_connected=Gauge(
+                "llm_gateway_xds_connected_envoys", "Envoys with an open ADS stream.", registry=registry
+            ),
+            snapshot_build_seconds=Histogram(
+                "llm_gateway_snapshot_build_seconds",
+                "Time to build one Envoy snapshot from the gateway state.",
+                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                registry=registry,
+            ),
+            config_reloads=Counter(
+                "llm_gateway_config_reloads", "Registry reloads by result.", ["result"], registry=registry
+            ),
+            snapshot_inconsistent=Counter(
+                "llm_gateway_snapshot_inconsistent",
+                "Snapshots refused because a reference inside them dangled.",
+                registry=registry,
+            ),
+        )

@@ -1,0 +1,126 @@
+"""The desired state of the data plane: the registry resolved to addresses, with live health and weights.
+
+This is what the xDS builders consume. It is plain immutable data: the config loader, health probes and
+the admin API produce it; the builders turn it into Envoy resources without side effects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from control_plane.config.schema import GatewaySettings, ModelConfig, Registry
+from control_plane.errors import ResolutionError
+
+log = logging.getLogger(__name__)
+
+
+class Health(StrEnum):
+    """Maps one to one onto Envoy's `HealthStatus` of an EDS endpoint."""
+
+    UNKNOWN = "unknown"  # not probed yet: Envoy routes to it
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"  # no new requests, in-flight ones run to their end
+
+
+@dataclass(frozen=True)
+class EndpointState:
+    id: str
+    address: str  # an IP literal: EDS takes no host names
+    port: int
+    weight: int = 1
+    health: Health = Health.UNKNOWN
+
+
+@dataclass(frozen=True)
+class ModelState:
+    config: ModelConfig
+    endpoints: tuple[EndpointState, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+
+@dataclass(frozen=True)
+class GatewayState:
+    settings: GatewaySettings
+    models: tuple[ModelState, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeParams:
+    """Per-Envoy settings taken from the node metadata of its bootstrap; default to the registry's."""
+
+    listen_address: str | None = None
+    listen_port: int | None = None
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, object]) -> NodeParams:
+        address = metadata.get("listen_address")
+        port = metadata.get("listen_port")
+        return cls(
+            listen_address=str(address) if address else None,
+            listen_port=int(str(port)) if port not in (None, "") else None,
+        )
+
+
+Resolver = Callable[[str], str]
+
+
+def resolve_host(host: str) -> str:
+    """Resolve a host name to one IPv4/IPv6 address literal (IP literals pass through)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ResolutionError(f"cannot resolve {host!r}: {exc}") from None
+    # Prefer IPv4: model servers commonly listen on 0.0.0.0 only.
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0])
+
+
+@dataclass
+class StateInputs:
+    """What besides the registry shapes the state: health and weight overlays keyed by endpoint id."""
+
+    health: dict[str, Health] = field(default_factory=dict)
+    weights: dict[str, int] = field(default_factory=dict)
+
+
+def build_state(registry: Registry, resolver: Resolver, inputs: StateInputs | None = None) -> GatewayState:
+    """Resolve every endpoint and overlay live health/weights. An unresolvable endpoint is left out."""
+    inputs = inputs or StateInputs()
+    models = []
+    for model in registry.models:
+        endpoints = []
+        for index, endpoint in enumerate(model.endpoints):
+            endpoint_id = model.endpoint_id(index)
+            try:
+                address = resolver(endpoint.host)
+            except ResolutionError as exc:
+                log.warning("endpoint %s of model %s left out: %s", endpoint_id, model.id, exc)
+                continue
+            endpoints.append(
+                EndpointState(
+                    id=endpoint_id,
+                    address=address,
+                    port=endpoint.port,
+                    weight=inputs.weights.get(endpoint_id, endpoint.weight),
+                    health=inputs.health.get(endpoint_id, Health.UNKNOWN),
+                )
+            )
+        models.append(ModelState(config=model, endpoints=tuple(endpoints)))
+    return GatewayState(settings=registry.gateway, models=tuple(models))

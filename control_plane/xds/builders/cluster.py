@@ -1,0 +1,85 @@
+"""Model → Cluster: least-request balancing, circuit breakers, outlier ejection, upstream HTTP options."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import base_pb2, protocol_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2, json_format
+
+from control_plane.state import ModelState
+from control_plane.xds.builders._common import ads_source, seconds, uint32
+from control_plane.xds.resources import cluster_name
+
+_HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _circuit_breakers(model: ModelState) -> circuit_breaker_pb2.CircuitBreakers:
+    limits = model.config.limits
+    retry = model.config.retry
+    return circuit_breaker_pb2.CircuitBreakers(
+        thresholds=[
+            circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                priority=base_pb2.RoutingPriority.DEFAULT,
+                # HTTP/1.1 upstreams carry one request per connection at a time.
+                max_connections=uint32(limits.max_concurrent_requests),
+                max_requests=uint32(limits.max_concurrent_requests),
+                max_pending_requests=uint32(limits.max_pending_requests),
+                retry_budget=circuit_breaker_pb2.CircuitBreakers.Thresholds.RetryBudget(
+                    budget_percent=percent_pb2.Percent(value=retry.budget_percent),
+                    min_retry_concurrency=uint32(retry.min_retry_concurrency),
+                ),
+            )
+        ]
+    )
+
+
+def _outlier_detection(model: ModelState) -> outlier_detection_pb2.OutlierDetection:
+    od = model.config.outlier_detection
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_5xx=uint32(od.consecutive_5xx),
+        consecutive_gateway_failure=uint32(od.consecutive_5xx),
+        # Connect failures and resets count apart from HTTP 5xx so a dead host is ejected fast.
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=uint32(od.consecutive_local_origin_failure),
+        interval=seconds(od.interval_s),
+        base_ejection_time=seconds(od.base_ejection_time_s),
+        max_ejection_percent=uint32(od.max_ejection_percent),
+    )
+
+
+def _http_options() -> any_pb2.Any:
+    options = http_protocol_options_pb2.HttpProtocolOptions(
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(idle_timeout=seconds(60)),
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http_protocol_options=protocol_pb2.Http1ProtocolOptions()
+        ),
+    )
+    packed = any_pb2.Any()
+    packed.Pack(options)
+    return packed
+
+
+def cluster_overrides(model: ModelState) -> cluster_pb2.Cluster:
+    """The operator's raw overrides as a Cluster message (validated at config load)."""
+    return json_format.ParseDict(model.config.cluster_overrides, cluster_pb2.Cluster())
+
+
+def build_cluster(model: ModelState) -> cluster_pb2.Cluster:
+    cluster = cluster_pb2.Cluster(
+        name=cluster_name(model.id),
+        type=cluster_pb2.Cluster.DiscoveryType.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source()),
+        connect_timeout=seconds(model.config.limits.connect_timeout_s),
+        lb_policy=cluster_pb2.Cluster.LbPolicy.LEAST_REQUEST,
+        circuit_breakers=_circuit_breakers(model),
+        outlier_detection=_outlier_detection(model),
+        # No panic routing: with health coming from the control plane, sending traffic to hosts known to
+        # be down when too few are healthy only turns a 503 into a slow failure.
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(healthy_panic_threshold=percent_pb2.Percent(value=0)),
+        typed_extension_protocol_options={_HTTP_OPTIONS_KEY: _http_options()},
+    )
+    if model.config.cluster_overrides:
+        cluster.MergeFrom(cluster_overrides(model))
+    return cluster

@@ -1,0 +1,128 @@
+"""Gateway settings → the Listener with its HTTP connection manager and filter chain.
+
+Filter chain on the request path (all request-side, so SSE answers stream through untouched):
+1. header_to_metadata: the model header (`x-model-id`) → metadata `gateway.model`.
+2. buffer: holds the body up to `max_request_body_bytes` (413 above it).
+3. json_to_metadata: the body's top-level `model` → `gateway.model`, overwriting the header's value:
+   the body wins when both are given, so a header can never send a body's request to another model.
+   A body that is not JSON, or not sent as `application/json`, sets `gateway.body_invalid`.
+4. router.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import address_pb2, protocol_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
+from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2 as h2m
+from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2 as j2m
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.type.matcher.v3 import regex_pb2
+from google.protobuf import any_pb2, message, struct_pb2, wrappers_pb2
+
+from control_plane.config.schema import GatewaySettings
+from control_plane.state import NodeParams
+from control_plane.xds.builders._common import ads_source, seconds, uint32
+from control_plane.xds.builders.local_reply import build_local_reply_config
+from control_plane.xds.builders.route import BODY_INVALID_KEY, MODEL_KEY, MODEL_MISSING_KEY
+from control_plane.xds.resources import LISTENER_NAME, METADATA_NAMESPACE, ROUTE_CONFIG_NAME
+
+
+def _packed(msg: message.Message) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out
+
+
+def _http_filter(name: str, config: message.Message) -> hcm.HttpFilter:
+    return hcm.HttpFilter(name=name, typed_config=_packed(config))
+
+
+def _model_header_filter(settings: GatewaySettings) -> h2m.Config:
+    return h2m.Config(
+        request_rules=[
+            h2m.Config.Rule(
+                header=settings.model_header,
+                on_header_present=h2m.Config.KeyValuePair(
+                    metadata_namespace=METADATA_NAMESPACE, key=MODEL_KEY, type=h2m.Config.STRING
+                ),
+            )
+        ]
+    )
+
+
+def _json_body_filter() -> j2m.JsonToMetadata:
+    kv = j2m.JsonToMetadata.KeyValuePair
+    return j2m.JsonToMetadata(
+        request_rules=j2m.JsonToMetadata.MatchRules(
+            rules=[
+                j2m.JsonToMetadata.Rule(
+                    selectors=[j2m.JsonToMetadata.Selector(key=MODEL_KEY)],
+                    # PROTOBUF_VALUE keeps the JSON type, so a number or bool `model` is told apart from a name.
+                    on_present=kv(metadata_namespace=METADATA_NAMESPACE, key=MODEL_KEY, type=j2m.JsonToMetadata.PROTOBUF_VALUE),
+                    # Setting any metadata makes the filter clear the route cache. Envoy picks the route
+                    # before header_to_metadata runs, so without this a header-only model would be ignored.
+                    on_missing=kv(
+                        metadata_namespace=METADATA_NAMESPACE,
+                        key=MODEL_MISSING_KEY,
+                        value=struct_pb2.Value(bool_value=True),
+                    ),
+                    on_error=kv(
+                        metadata_namespace=METADATA_NAMESPACE,
+                        key=BODY_INVALID_KEY,
+                        value=struct_pb2.Value(bool_value=True),
+                    ),
+                )
+            ],
+            # Without this, `application/json; charset=utf-8` would silently skip the filter.
+            allow_content_types_regex=regex_pb2.RegexMatcher(regex="(?i)application/json.*"),
+        )
+    )
+
+
+def build_connection_manager(settings: GatewaySettings) -> hcm.HttpConnectionManager:
+    return hcm.HttpConnectionManager(
+        stat_prefix="gateway",
+        codec_type=hcm.HttpConnectionManager.AUTO,
+        rds=hcm.Rds(config_source=ads_source(), route_config_name=ROUTE_CONFIG_NAME),
+        http_filters=[
+            # First: the buffer filter resolves the route, which must already see the header's model.
+            _http_filter("envoy.filters.http.header_to_metadata", _model_header_filter(settings)),
+            _http_filter("envoy.filters.http.buffer", buffer_pb2.Buffer(max_request_bytes=uint32(settings.max_request_body_bytes))),
+            _http_filter("envoy.filters.http.json_to_metadata", _json_body_filter()),
+            _http_filter("envoy.filters.http.router", router_pb2.Router()),
+        ],
+        local_reply_config=build_local_reply_config(settings),
+        # Streams are cut by idle timeouts, never by a whole-request timeout at this level.
+        stream_idle_timeout=seconds(settings.stream_idle_timeout_s),
+        request_timeout=seconds(0),
+        request_headers_timeout=seconds(10),
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(idle_timeout=seconds(3600)),
+        use_remote_address=wrappers_pb2.BoolValue(value=True),
+        # Normalised paths keep the API allow-list in route.py from being dodged with `..` or `//`.
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        preserve_external_request_id=True,
+        always_set_request_id_in_response=True,
+    )
+
+
+def build_listener(settings: GatewaySettings, node: NodeParams) -> listener_pb2.Listener:
+    address = node.listen_address or settings.listen_address
+    port = node.listen_port or settings.listen_port
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=address, port_value=port)),
+        per_connection_buffer_limit_bytes=uint32(1024 * 1024),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_packed(build_connection_manager(settings)),
+                    )
+                ]
+            )
+        ],
+    )

@@ -1,0 +1,226 @@
+"""gRPC ADS transport, state of the world (as go-control-plane's `pkg/server/sotw/v3`).
+
+Per stream and per type it tracks the last nonce and version sent. A request carrying the last nonce is
+an ACK, or a NACK when it has `error_detail`: a NACK is logged and counted and the rejected version is
+not sent again; the next push happens only when the snapshot's content changes. Requests with an older
+nonce are stale and ignored. Two Envoy quirks are handled explicitly:
+- after a CDS push Envoy re-requests EDS for the new clusters, possibly with the same version and nonce,
+  and keeps the clusters warming until it is answered: the first EDS request after a CDS push is always
+  answered (likewise RDS after LDS);
+- the first request of a type on a new stream is always answered, so a restarted control plane resyncs
+  Envoys even where versions happen to match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+
+from control_plane.metrics import ControlPlaneMetrics
+from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SHORT_NAMES
+from control_plane.xds.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+# Types whose requests name the resources wanted; CDS and LDS are wildcard subscriptions here.
+_NAMED_TYPES = (ENDPOINT, ROUTE)
+# A push of the key type makes Envoy re-request the value type, which must then be answered.
+_DEPENDENTS = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
+
+
+class NodeRegistry(Protocol):
+    """Told about Envoys as they come and go; makes sure the cache holds a snapshot for each."""
+
+    def node_connected(self, node: base_pb2.Node) -> str:
+        """Return the cache key of the node's snapshot, building it if needed."""
+
+    def node_disconnected(self, node_key: str) -> None: ...
+
+
+@dataclass
+class _TypeState:
+    subscribed: bool = False
+    nonce: str = ""
+    sent_version: str | None = None
+    sent_names: tuple[str, ...] | None = None
+    names: tuple[str, ...] = ()
+    awaiting_ack: bool = False
+    must_answer: bool = False
+
+
+class _Changed:
+    """Queue marker: the node's snapshot changed."""
+
+
+class _Closed:
+    """Queue marker: Envoy closed its side of the stream."""
+
+
+_CHANGED = _Changed()
+_CLOSED = _Closed()
+_Event = discovery_pb2.DiscoveryRequest | _Changed | _Closed
+
+
+class _SotwStream:
+    def __init__(self, context: grpc.aio.ServicerContext, cache: SnapshotCache, metrics: ControlPlaneMetrics) -> None:
+        self._context = context
+        self._cache = cache
+        self._metrics = metrics
+        self._types = {t: _TypeState() for t in PUSH_ORDER}
+        self._nonces = itertools.count(1)
+        self._node_key = ""
+        self._peer = context.peer()
+
+    async def _respond(self, type_url: str, snapshot: Snapshot) -> None:
+        state = self._types[type_url]
+        resources = snapshot.resources[type_url]
+        if type_url in _NAMED_TYPES and state.names:
+            selected = [resources[n] for n in state.names if n in resources]
+        else:
+            selected = [resources[n] for n in sorted(resources)]
+        packed = []
+        for resource in selected:
+            item = any_pb2.Any()
+            item.Pack(resource)
+            packed.append(item)
+        nonce = str(next(self._nonces))
+        version = snapshot.versions[type_url]
+        await self._context.write(
+            discovery_pb2.DiscoveryResponse(version_info=version, resources=packed, type_url=type_url, nonce=nonce)
+        )
+        state.nonce, state.sent_version, state.sent_names = nonce, version, state.names
+        state.awaiting_ack, state.must_answer = True, False
+        if type_url in _DEPENDENTS:
+            self._types[_DEPENDENTS[type_url]].must_answer = True
+        self._metrics.xds_pushes.labels(SHORT_NAMES[type_url]).inc()
+        log.debug("sent %s version %s (%d resources) nonce %s to %s", SHORT_NAMES[type_url], version, len(packed), nonce, self._node_key)
+
+    async def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
+        type_url = request.type_url
+        if type_url not in self._types:
+            log.warning("node %s asked for unsupported type %s", self._node_key, type_url)
+            return
+        snapshot = self._cache.get_snapshot(self._node_key)
+        if snapshot is None:
+            return
+        state = self._types[type_url]
+        if request.response_nonce and request.response_nonce != state.nonce:
+            # Stale: answers a response that a newer one has superseded. Only the post-CDS EDS (post-LDS
+            # RDS) re-request is served regardless, since Envoy waits on it to finish warming.
+            if state.must_answer:
+                state.names = tuple(sorted(request.resource_names))
+                await self._respond(type_url, snapshot)
+            return
+        if request.response_nonce:
+            state.awaiting_ack = False
+            if request.HasField("error_detail"):
+                self._metrics.xds_nacks.labels(SHORT_NAMES[type_url]).inc()
+                log.error(
+                    "node %s REJECTED %s version %s (keeps version %r): %s",
+                    self._node_key, SHORT_NAMES[type_url], state.sent_version, request.version_info,
+                    request.error_detail.message,
+                )
+            else:
+                log.debug("node %s acked %s version %s", self._node_key, SHORT_NAMES[type_url], request.version_info)
+        state.subscribed = True
+        state.names = tuple(sorted(request.resource_names))
+        if (
+            not request.response_nonce
+            or state.must_answer
+            or (type_url in _NAMED_TYPES and state.names != state.sent_names)
+            or snapshot.versions[type_url] != state.sent_version
+        ):
+            await self._respond(type_url, snapshot)
+
+    async def on_snapshot_changed(self) -> None:
+        snapshot = self._cache.get_snapshot(self._node_key)
+        if snapshot is None:
+            return
+        for type_url in PUSH_ORDER:
+            state = self._types[type_url]
+            # While a response awaits its ACK the next push waits; the ACK handler sends it.
+            if state.subscribed and not state.awaiting_ack and snapshot.versions[type_url] != state.sent_version:
+                await self._respond(type_url, snapshot)
+
+    async def run(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], nodes: NodeRegistry) -> None:
+        queue: asyncio.Queue[_Event] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    queue.put_nowait(request)
+            finally:
+                queue.put_nowait(_CLOSED)
+
+        reader = asyncio.create_task(read())
+        try:
+            first = await queue.get()
+            if not isinstance(first, discovery_pb2.DiscoveryRequest):
+                return
+            if not first.node.id:
+                await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
+            self._node_key = nodes.node_connected(first.node)
+            log.info("envoy %s (cluster %s) connected from %s", first.node.id, first.node.cluster, self._peer)
+            self._metrics.xds_connected.inc()
+            try:
+                with self._cache.watch(self._node_key, lambda: queue.put_nowait(_CHANGED)):
+                    event: _Event = first
+                    while True:
+                        if isinstance(event, _Closed):
+                            break
+                        if isinstance(event, _Changed):
+                            await self.on_snapshot_changed()
+                        else:
+                            await self.on_request(event)
+                        event = await queue.get()
+            finally:
+                self._metrics.xds_connected.dec()
+                nodes.node_disconnected(self._node_key)
+                log.info("envoy %s disconnected", first.node.id)
+        finally:
+            reader.cancel()
+
+
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, cache: SnapshotCache, nodes: NodeRegistry, metrics: ControlPlaneMetrics) -> None:
+        self._cache = cache
+        self._nodes = nodes
+        self._metrics = metrics
+
+    async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await _SotwStream(context, self._cache, self._metrics).run(request_iterator, self._nodes)
+
+    async def DeltaAggregatedResources(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this control plane serves state-of-the-world ADS")
+
+
+def create_grpc_server(servicer: AdsServicer, address: str) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server bound to `address` (host:port, port 0 = any); returns it and the bound port."""
+    # SO_REUSEPORT off: otherwise a stale second control plane binds the same port and steals Envoys.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", 30_000)])
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot bind the xDS server to {address} (address in use?)")
+    return server, port
