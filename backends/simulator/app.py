@@ -34,6 +34,11 @@ async def _api_errors(
         return error_response(request.app[CONTEXT].style, exc.status, exc.message, exc.error_type)
 
 
+async def _abort_in_flight(app: web.Application) -> None:
+    """On shutdown, abort generations (hung ones included) instead of waiting for them."""
+    app[CONTEXT].engine.abort_all()
+
+
 async def _endpoint_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[ENDPOINT_HEADER] = request.app[CONTEXT].config.endpoint_id
 
@@ -46,6 +51,7 @@ def build_app(config: SimConfig, *, exit_process: Callable[[int], None] = os._ex
     app = web.Application(middlewares=[_api_errors], client_max_size=MAX_BODY_BYTES)
     app[CONTEXT] = ctx
     app.on_response_prepare.append(_endpoint_header)
+    app.on_shutdown.append(_abort_in_flight)
     control.add_routes(app)
     metrics.add_routes(app)
     kind = config.engine

@@ -180,6 +180,8 @@ class Engine:
         self._hang_released.set()
         self.hung = 0
         """Requests currently held back by the ``hang`` knob."""
+        self._tasks: set[asyncio.Task[Any]] = set()
+        """Tasks currently inside ``generation()`` (cancelled by ``abort_all``)."""
 
     # ----------------------------------------------------------------- clock
     @staticmethod
@@ -242,23 +244,37 @@ class Engine:
         end is counted as ``cancelled``.
         """
         self.stats.requests += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
-            await self._wait_while_hung()
-        except asyncio.CancelledError:
-            self.stats.failures["cancelled"] += 1
-            raise
-        if self.knobs.error_rate > 0 and self._rng.random() < self.knobs.error_rate:
-            self.stats.failures[SimulatedFailure.kind] += 1
-            raise SimulatedFailure("simulated failure (error_rate knob)")
-        gen = self._submit(job)
-        try:
-            yield gen
-        finally:
-            self._release(gen)
-            if gen.outcome is None:
+            try:
+                await self._wait_while_hung()
+            except asyncio.CancelledError:
                 self.stats.failures["cancelled"] += 1
-            else:
-                self._record_success(gen.outcome, job)
+                raise
+            if self.knobs.error_rate > 0 and self._rng.random() < self.knobs.error_rate:
+                self.stats.failures[SimulatedFailure.kind] += 1
+                raise SimulatedFailure("simulated failure (error_rate knob)")
+            gen = self._submit(job)
+            try:
+                yield gen
+            finally:
+                self._release(gen)
+                if gen.outcome is None:
+                    self.stats.failures["cancelled"] += 1
+                else:
+                    self._record_success(gen.outcome, job)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    def abort_all(self) -> int:
+        """Cancel every request in the engine (queued, running or hung); used at shutdown."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     async def _wait_while_hung(self) -> None:
         if not self.knobs.hang:

@@ -125,8 +125,8 @@ class ModelConfig(_Frozen):
     outlier_detection: OutlierDetection = OutlierDetection()
     cluster_overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="Raw Envoy Cluster fields (proto3 JSON) merged over the generated cluster; "
-        "an escape hatch for settings the registry does not model.",
+        description="Raw Envoy Cluster fields (snake_case names, as in Envoy's YAML) merged over the generated "
+        "cluster; an escape hatch for settings the registry does not model.",
     )
 
     @field_validator("id")

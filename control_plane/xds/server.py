@@ -9,6 +9,8 @@ nonce are stale and ignored. Two Envoy quirks are handled explicitly:
   answered (likewise RDS after LDS);
 - the first request of a type on a new stream is always answered, so a restarted control plane resyncs
   Envoys even where versions happen to match.
+After a CDS push, an EDS change is not pushed on its own but with the answer to that re-request, which
+names the new cluster set; if no re-request comes within a short grace time, it is pushed anyway.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ log = logging.getLogger(__name__)
 _NAMED_TYPES = (ENDPOINT, ROUTE)
 # A push of the key type makes Envoy re-request the value type, which must then be answered.
 _DEPENDENTS = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
+# Envoy re-requests EDS after every CDS push (new or changed clusters re-subscribe); RDS only when the
+# route configuration name changes, so only EDS pushes wait for the re-request.
+_WAITS_FOR_REREQUEST = {ENDPOINT}
+REREQUEST_GRACE_S = 2.0
 
 
 class NodeRegistry(Protocol):
@@ -56,6 +62,7 @@ class _TypeState:
     names: tuple[str, ...] = ()
     awaiting_ack: bool = False
     must_answer: bool = False
+    hold_until: float = 0.0  # loop time before which a push waits for Envoy's re-request
 
 
 class _Changed:
@@ -73,6 +80,8 @@ _Event = discovery_pb2.DiscoveryRequest | _Changed | _Closed
 
 class _SotwStream:
     def __init__(self, context: grpc.aio.ServicerContext, cache: SnapshotCache, metrics: ControlPlaneMetrics) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[_Event] = asyncio.Queue()
         self._context = context
         self._cache = cache
         self._metrics = metrics
@@ -99,9 +108,13 @@ class _SotwStream:
             discovery_pb2.DiscoveryResponse(version_info=version, resources=packed, type_url=type_url, nonce=nonce)
         )
         state.nonce, state.sent_version, state.sent_names = nonce, version, state.names
-        state.awaiting_ack, state.must_answer = True, False
+        state.awaiting_ack, state.must_answer, state.hold_until = True, False, 0.0
         if type_url in _DEPENDENTS:
-            self._types[_DEPENDENTS[type_url]].must_answer = True
+            dependent = _DEPENDENTS[type_url]
+            self._types[dependent].must_answer = True
+            if dependent in _WAITS_FOR_REREQUEST:
+                self._types[dependent].hold_until = self._loop.time() + REREQUEST_GRACE_S
+                self._loop.call_later(REREQUEST_GRACE_S, self._queue.put_nowait, _CHANGED)
         self._metrics.xds_pushes.labels(SHORT_NAMES[type_url]).inc()
         log.debug("sent %s version %s (%d resources) nonce %s to %s", SHORT_NAMES[type_url], version, len(packed), nonce, self._node_key)
 
@@ -124,6 +137,9 @@ class _SotwStream:
         if request.response_nonce:
             state.awaiting_ack = False
             if request.HasField("error_detail"):
+                if type_url in _DEPENDENTS:  # a rejected push triggers no re-request
+                    dependent = self._types[_DEPENDENTS[type_url]]
+                    dependent.must_answer, dependent.hold_until = False, 0.0
                 self._metrics.xds_nacks.labels(SHORT_NAMES[type_url]).inc()
                 log.error(
                     "node %s REJECTED %s version %s (keeps version %r): %s",
@@ -141,19 +157,27 @@ class _SotwStream:
             or snapshot.versions[type_url] != state.sent_version
         ):
             await self._respond(type_url, snapshot)
+        await self.catch_up()
 
-    async def on_snapshot_changed(self) -> None:
+    async def catch_up(self) -> None:
+        """Push every subscribed type whose snapshot content differs from what this Envoy last got."""
         snapshot = self._cache.get_snapshot(self._node_key)
         if snapshot is None:
             return
+        now = self._loop.time()
         for type_url in PUSH_ORDER:
             state = self._types[type_url]
             # While a response awaits its ACK the next push waits; the ACK handler sends it.
-            if state.subscribed and not state.awaiting_ack and snapshot.versions[type_url] != state.sent_version:
+            if (
+                state.subscribed
+                and not state.awaiting_ack
+                and now >= state.hold_until
+                and snapshot.versions[type_url] != state.sent_version
+            ):
                 await self._respond(type_url, snapshot)
 
     async def run(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], nodes: NodeRegistry) -> None:
-        queue: asyncio.Queue[_Event] = asyncio.Queue()
+        queue = self._queue
 
         async def read() -> None:
             try:
@@ -179,7 +203,7 @@ class _SotwStream:
                         if isinstance(event, _Closed):
                             break
                         if isinstance(event, _Changed):
-                            await self.on_snapshot_changed()
+                            await self.catch_up()
                         else:
                             await self.on_request(event)
                         event = await queue.get()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2, protocol_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -61,9 +63,22 @@ def _http_options() -> any_pb2.Any:
     return packed
 
 
-def cluster_overrides(model: ModelState) -> cluster_pb2.Cluster:
-    """The operator's raw overrides as a Cluster message (validated at config load)."""
-    return json_format.ParseDict(model.config.cluster_overrides, cluster_pb2.Cluster())
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(cluster: cluster_pb2.Cluster, overrides: dict[str, Any]) -> cluster_pb2.Cluster:
+    """Merge the operator's raw fields (Envoy's YAML field names) over the cluster: maps merge, lists and
+    scalars replace. Done on the JSON form because protobuf's MergeFrom cannot set a field back to its
+    default value (e.g. `lb_policy: ROUND_ROBIN`)."""
+    base = json_format.MessageToDict(cluster, preserving_proto_field_name=True)
+    return json_format.ParseDict(_deep_merge(base, overrides), cluster_pb2.Cluster())
 
 
 def build_cluster(model: ModelState) -> cluster_pb2.Cluster:
@@ -81,5 +96,5 @@ def build_cluster(model: ModelState) -> cluster_pb2.Cluster:
         typed_extension_protocol_options={_HTTP_OPTIONS_KEY: _http_options()},
     )
     if model.config.cluster_overrides:
-        cluster.MergeFrom(cluster_overrides(model))
+        cluster = apply_overrides(cluster, model.config.cluster_overrides)
     return cluster

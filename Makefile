@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each installs what is missing first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= models.yaml
+
+.PHONY: install run test unit integration lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Start Envoy, the control plane and the simulated backends in the foreground (Ctrl-C stops them).
+run: $(STAMP)
+	$(BIN)/python -m control_plane devstack --config $(CONFIG)
+
+## Lint, type-check and run the whole test suite.
+test: $(STAMP) lint
+	$(BIN)/python -m pytest
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -m integration
+
+lint: $(STAMP)
+	$(BIN)/ruff check control_plane backends tests loadtest
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,95 @@
+"""`make run`: the whole local stack in the foreground until Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from control_plane.devstack.stack import LocalStack, StackSettings
+from control_plane.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DevStackSettings:
+    config_path: Path
+    listen_port: int = 8080
+    admin_port: int = 8081
+    xds_port: int = 18000
+    envoy_admin_port: int = 9901
+    state_dir: Path = Path("var")
+    envoy_concurrency: int = 2
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def _banner(stack: LocalStack, settings: DevStackSettings) -> str:
+    envoy = stack.envoys[0]
+    models = ", ".join(m.id for m in stack.registry().models)
+    return f"""
+LLM gateway is up.
+  OpenAI-style API   {envoy.url}/v1        (models: {models})
+  Admin API          {stack.admin_url}      (metrics: {stack.admin_url}/metrics)
+  Envoy admin        {envoy.admin_url}
+  Logs               {settings.state_dir / 'logs'}/
+
+Try:
+  curl -s {envoy.url}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "qwen2", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+Edit {settings.config_path} to add or change models: the change is live within a second.
+Press Ctrl-C to stop every process this started.
+"""
+
+
+def run_devstack(settings: DevStackSettings) -> int:
+    stack = LocalStack(
+        StackSettings(
+            config_path=settings.config_path.resolve(),
+            work_dir=settings.state_dir.resolve(),
+            xds_port=settings.xds_port,
+            admin_port=settings.admin_port,
+            envoy_concurrency=settings.envoy_concurrency,
+        )
+    )
+    previous_int = signal.signal(signal.SIGINT, _raise_stop)
+    previous_term = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        try:
+            stack.registry()
+            print("starting simulated model servers ...", flush=True)
+            stack.start_simulators()
+            print("starting the control plane ...", flush=True)
+            stack.start_control_plane()
+            print("starting Envoy ...", flush=True)
+            stack.start_envoy(node_id="gateway-0", listen_port=settings.listen_port, admin_port=settings.envoy_admin_port)
+        except ConfigError as exc:
+            print(f"error: {exc}")
+            return 2
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            print(f"error: the stack did not start: {exc}")
+            return 1
+        print(_banner(stack, settings), flush=True)
+        reported: set[str] = set()
+        while True:
+            time.sleep(1)
+            for process in [*stack.simulators.values(), stack.control_plane, *(e.process for e in stack.envoys)]:
+                if process is not None and not process.alive() and process.name not in reported:
+                    reported.add(process.name)
+                    print(f"warning: {process.name} exited with {process.returncode()} (log: {process.log_path})", flush=True)
+    except _Stop:
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.stop()
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
