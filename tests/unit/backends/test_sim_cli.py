@@ -65,7 +65,7 @@ def test_cli_serves_and_stops_on_sigterm():
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < 2  # in-flight requests are aborted, not awaited
         assert proc.stdout is not None and proc.stdout.read() == ""
 
 
