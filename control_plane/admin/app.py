@@ -13,7 +13,9 @@ from control_plane.service import ControlPlane
 from control_plane.watcher import ConfigWatcher
 
 
-def create_admin_app(plane: ControlPlane, metrics: ControlPlaneMetrics, watcher: ConfigWatcher | None) -> FastAPI:
+def create_admin_app(
+    plane: ControlPlane, metrics: ControlPlaneMetrics, watcher: ConfigWatcher | None
+) -> FastAPI:
     app = FastAPI(title="LLM gateway admin API", version="0.1.0")
 
     @app.get("/healthz")
@@ -31,12 +33,19 @@ def create_admin_app(plane: ControlPlane, metrics: ControlPlaneMetrics, watcher:
                 {
                     "id": m.id,
                     "enabled": m.enabled,
-                    "endpoints": [{"id": e.id, "address": f"{e.address}:{e.port}", "health": e.health} for e in m.endpoints],
+                    "endpoints": [
+                        {"id": e.id, "address": f"{e.address}:{e.port}", "health": e.health}
+                        for e in m.endpoints
+                    ],
                 }
                 for m in plane.state.models
             ],
             "envoys": [
-                {"node": node, "streams": streams, "version": snap.version if (snap := plane.cache.get_snapshot(node)) else None}
+                {
+                    "node": node,
+                    "streams": streams,
+                    "version": snap.version if (snap := plane.cache.get_snapshot(node)) else None,
+                }
                 for node, streams in plane.connected_nodes().items()
             ],
             "config_error": watcher.last_error if watcher else None,

@@ -125,8 +125,8 @@ class ModelConfig(_Frozen):
     outlier_detection: OutlierDetection = OutlierDetection()
     cluster_overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="Raw Envoy Cluster fields (snake_case names, as in Envoy's YAML) merged over the generated "
-        "cluster; an escape hatch for settings the registry does not model.",
+        description="Raw Envoy Cluster fields (snake_case names, as in Envoy's YAML) merged over the "
+        "generated cluster; an escape hatch for settings the registry does not model.",
     )
 
     @field_validator("id")
@@ -141,7 +141,9 @@ class ModelConfig(_Frozen):
     def _check_aliases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for alias in value:
             if not _MODEL_ID.match(alias):
-                raise ValueError(f"alias {alias!r} must be 1-200 characters: letters, digits and . _ : / @ + -")
+                raise ValueError(
+                    f"alias {alias!r} must be 1-200 characters: letters, digits and . _ : / @ + -"
+                )
         return value
 
     @field_validator("cluster_overrides")
@@ -191,7 +193,9 @@ class Registry(_Frozen):
         seen_endpoints: dict[str, str] = {}
         for m_index, model in enumerate(self.models):
             for n_index, name in enumerate(model.names):
-                where = f"models[{m_index}].id" if n_index == 0 else f"models[{m_index}].aliases[{n_index - 1}]"
+                where = (
+                    f"models[{m_index}].id" if n_index == 0 else f"models[{m_index}].aliases[{n_index - 1}]"
+                )
                 if name in seen_names:
                     problems.append(f"{where}: name {name!r} is already used by {seen_names[name]}")
                 else:
@@ -200,7 +204,10 @@ class Registry(_Frozen):
                 endpoint_id = model.endpoint_id(e_index)
                 where = f"models[{m_index}].endpoints[{e_index}].id"
                 if endpoint_id in seen_endpoints:
-                    problems.append(f"{where}: endpoint id {endpoint_id!r} is already used by {seen_endpoints[endpoint_id]}")
+                    problems.append(
+                        f"{where}: endpoint id {endpoint_id!r} is already used by "
+                        f"{seen_endpoints[endpoint_id]}"
+                    )
                 else:
                     seen_endpoints[endpoint_id] = where
         if problems:

@@ -40,8 +40,14 @@ def http_ok(url: str, timeout_s: float = 1.0) -> bool:
 
 
 class ManagedProcess:
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -65,8 +71,13 @@ class ManagedProcess:
             # A session of its own: a Ctrl-C in the terminal reaches only the supervisor, which then stops
             # every child by PID in order; and a shell's exit cannot take the child with it.
             self._popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, cwd=self.cwd, start_new_session=True,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
             )
         return self
 
@@ -87,7 +98,9 @@ class ManagedProcess:
             if not self.alive():
                 raise RuntimeError(f"{self.name} exited with {self.returncode()}:\n{self.log_text()[-3000:]}")
             time.sleep(0.05)
-        raise TimeoutError(f"{self.name} did not log {pattern!r} within {timeout_s:.0f}s:\n{self.log_text()[-3000:]}")
+        raise TimeoutError(
+            f"{self.name} did not log {pattern!r} within {timeout_s:.0f}s:\n{self.log_text()[-3000:]}"
+        )
 
     def signal(self, sig: int) -> None:
         if self.alive() and self._popen is not None:

@@ -39,7 +39,7 @@ LLM gateway is up.
   OpenAI-style API   {envoy.url}/v1        (models: {models})
   Admin API          {stack.admin_url}      (metrics: {stack.admin_url}/metrics)
   Envoy admin        {envoy.admin_url}
-  Logs               {settings.state_dir / 'logs'}/
+  Logs               {settings.state_dir / "logs"}/
 
 Try:
   curl -s {envoy.url}/v1/chat/completions -H 'content-type: application/json' \\
@@ -70,7 +70,9 @@ def run_devstack(settings: DevStackSettings) -> int:
             print("starting the control plane ...", flush=True)
             stack.start_control_plane()
             print("starting Envoy ...", flush=True)
-            stack.start_envoy(node_id="gateway-0", listen_port=settings.listen_port, admin_port=settings.envoy_admin_port)
+            stack.start_envoy(
+                node_id="gateway-0", listen_port=settings.listen_port, admin_port=settings.envoy_admin_port
+            )
         except ConfigError as exc:
             print(f"error: {exc}")
             return 2
@@ -81,10 +83,18 @@ def run_devstack(settings: DevStackSettings) -> int:
         reported: set[str] = set()
         while True:
             time.sleep(1)
-            for process in [*stack.simulators.values(), stack.control_plane, *(e.process for e in stack.envoys)]:
+            for process in [
+                *stack.simulators.values(),
+                stack.control_plane,
+                *(e.process for e in stack.envoys),
+            ]:
                 if process is not None and not process.alive() and process.name not in reported:
                     reported.add(process.name)
-                    print(f"warning: {process.name} exited with {process.returncode()} (log: {process.log_path})", flush=True)
+                    print(
+                        f"warning: {process.name} exited with {process.returncode()} "
+                        f"(log: {process.log_path})",
+                        flush=True,
+                    )
     except _Stop:
         print("\nstopping ...", flush=True)
         return 0

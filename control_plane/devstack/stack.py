@@ -78,10 +78,21 @@ class LocalStack:
         endpoint = model.endpoints[index]
         endpoint_id = model.endpoint_id(index)
         argv = [
-            self.settings.python, "-m", "backends.simulator",
-            "--engine", model.engine.value, "--model-id", model.id, "--endpoint-id", endpoint_id,
-            "--host", "127.0.0.1" if endpoint.host == "localhost" else endpoint.host, "--port", str(endpoint.port),
-            "--profile", self.settings.sim_profile,
+            self.settings.python,
+            "-m",
+            "backends.simulator",
+            "--engine",
+            model.engine.value,
+            "--model-id",
+            model.id,
+            "--endpoint-id",
+            endpoint_id,
+            "--host",
+            "127.0.0.1" if endpoint.host == "localhost" else endpoint.host,
+            "--port",
+            str(endpoint.port),
+            "--profile",
+            self.settings.sim_profile,
         ]
         for alias in model.aliases:
             argv += ["--served-name", alias]
@@ -89,7 +100,9 @@ class LocalStack:
         old = self.simulators.get(endpoint_id)
         if old is not None:
             old.stop()
-        process = ManagedProcess(f"sim-{endpoint_id}", argv, self._log(f"sim-{endpoint_id}"), cwd=REPO_ROOT).start()
+        process = ManagedProcess(
+            f"sim-{endpoint_id}", argv, self._log(f"sim-{endpoint_id}"), cwd=REPO_ROOT
+        ).start()
         self.simulators[endpoint_id] = process
         if wait:
             process.wait_for_line(r"^READY ", timeout_s=30)
@@ -109,9 +122,16 @@ class LocalStack:
     def start_control_plane(self) -> ManagedProcess:
         self._cp_starts += 1
         argv = [
-            self.settings.python, "-m", "control_plane", "serve",
-            "--config", str(self.settings.config_path),
-            "--xds-port", str(self.xds_port), "--admin-port", str(self.admin_port),
+            self.settings.python,
+            "-m",
+            "control_plane",
+            "serve",
+            "--config",
+            str(self.settings.config_path),
+            "--xds-port",
+            str(self.xds_port),
+            "--admin-port",
+            str(self.admin_port),
         ]
         log = self._log(f"control-plane-{self._cp_starts}")
         process = ManagedProcess("control-plane", argv, log, cwd=REPO_ROOT).start()
@@ -127,7 +147,11 @@ class LocalStack:
 
     # Envoy
     def start_envoy(
-        self, node_id: str | None = None, listen_port: int | None = None, admin_port: int | None = None, wait: bool = True
+        self,
+        node_id: str | None = None,
+        listen_port: int | None = None,
+        admin_port: int | None = None,
+        wait: bool = True,
     ) -> EnvoyHandle:
         if self.control_plane is None and self.xds_port == 0:
             raise RuntimeError("start the control plane before Envoy: the bootstrap needs its port")
@@ -138,16 +162,23 @@ class LocalStack:
         bootstrap.parent.mkdir(parents=True, exist_ok=True)
         bootstrap.write_text(
             render_bootstrap(
-                BootstrapParams(node_id=node_id, xds_port=self.xds_port, admin_port=admin_port, listen_port=listen_port)
+                BootstrapParams(
+                    node_id=node_id, xds_port=self.xds_port, admin_port=admin_port, listen_port=listen_port
+                )
             )
         )
         argv = [
-            envoy_binary(), "-c", str(bootstrap),
-            "--concurrency", str(self.settings.envoy_concurrency),
-            "--log-level", self.settings.envoy_log_level,
+            envoy_binary(),
+            "-c",
+            str(bootstrap),
+            "--concurrency",
+            str(self.settings.envoy_concurrency),
+            "--log-level",
+            self.settings.envoy_log_level,
             # Several Envoys share this host in tests; hot restart's shared memory would make them collide.
             "--disable-hot-restart",
-            "--drain-time-s", "1",
+            "--drain-time-s",
+            "1",
         ]
         process = ManagedProcess(f"envoy-{node_id}", argv, self._log(f"envoy-{node_id}")).start()
         handle = EnvoyHandle(process=process, node_id=node_id, listen_port=listen_port, admin_port=admin_port)

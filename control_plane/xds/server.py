@@ -20,7 +20,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -75,11 +75,13 @@ class _Closed:
 
 _CHANGED = _Changed()
 _CLOSED = _Closed()
-_Event = discovery_pb2.DiscoveryRequest | _Changed | _Closed
+_Event: TypeAlias = discovery_pb2.DiscoveryRequest | _Changed | _Closed
 
 
 class _SotwStream:
-    def __init__(self, context: grpc.aio.ServicerContext, cache: SnapshotCache, metrics: ControlPlaneMetrics) -> None:
+    def __init__(
+        self, context: grpc.aio.ServicerContext, cache: SnapshotCache, metrics: ControlPlaneMetrics
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[_Event] = asyncio.Queue()
         self._context = context
@@ -105,7 +107,9 @@ class _SotwStream:
         nonce = str(next(self._nonces))
         version = snapshot.versions[type_url]
         await self._context.write(
-            discovery_pb2.DiscoveryResponse(version_info=version, resources=packed, type_url=type_url, nonce=nonce)
+            discovery_pb2.DiscoveryResponse(
+                version_info=version, resources=packed, type_url=type_url, nonce=nonce
+            )
         )
         state.nonce, state.sent_version, state.sent_names = nonce, version, state.names
         state.awaiting_ack, state.must_answer, state.hold_until = True, False, 0.0
@@ -116,7 +120,14 @@ class _SotwStream:
                 self._types[dependent].hold_until = self._loop.time() + REREQUEST_GRACE_S
                 self._loop.call_later(REREQUEST_GRACE_S, self._queue.put_nowait, _CHANGED)
         self._metrics.xds_pushes.labels(SHORT_NAMES[type_url]).inc()
-        log.debug("sent %s version %s (%d resources) nonce %s to %s", SHORT_NAMES[type_url], version, len(packed), nonce, self._node_key)
+        log.debug(
+            "sent %s version %s (%d resources) nonce %s to %s",
+            SHORT_NAMES[type_url],
+            version,
+            len(packed),
+            nonce,
+            self._node_key,
+        )
 
     async def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
         type_url = request.type_url
@@ -143,11 +154,16 @@ class _SotwStream:
                 self._metrics.xds_nacks.labels(SHORT_NAMES[type_url]).inc()
                 log.error(
                     "node %s REJECTED %s version %s (keeps version %r): %s",
-                    self._node_key, SHORT_NAMES[type_url], state.sent_version, request.version_info,
+                    self._node_key,
+                    SHORT_NAMES[type_url],
+                    state.sent_version,
+                    request.version_info,
                     request.error_detail.message,
                 )
             else:
-                log.debug("node %s acked %s version %s", self._node_key, SHORT_NAMES[type_url], request.version_info)
+                log.debug(
+                    "node %s acked %s version %s", self._node_key, SHORT_NAMES[type_url], request.version_info
+                )
         state.subscribed = True
         state.names = tuple(sorted(request.resource_names))
         if (
@@ -192,7 +208,9 @@ class _SotwStream:
             if not isinstance(first, discovery_pb2.DiscoveryRequest):
                 return
             if not first.node.id:
-                await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
+                await self._context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id"
+                )
             self._node_key = nodes.node_connected(first.node)
             log.info("envoy %s (cluster %s) connected from %s", first.node.id, first.node.cluster, self._peer)
             self._metrics.xds_connected.inc()
@@ -221,14 +239,14 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._nodes = nodes
         self._metrics = metrics
 
-    async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
+    async def StreamAggregatedResources(
         self,
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
         await _SotwStream(context, self._cache, self._metrics).run(request_iterator, self._nodes)
 
-    async def DeltaAggregatedResources(  # noqa: N802 (gRPC method name)
+    async def DeltaAggregatedResources(
         self,
         request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext,

@@ -61,23 +61,35 @@ class Snapshot:
                 eds_names.add(eds_name)
                 if eds_name not in assignments:
                     problems.append(f"cluster {name!r} has no endpoint assignment {eds_name!r}")
-        problems.extend(f"endpoint assignment {n!r} belongs to no cluster" for n in assignments if n not in eds_names)
+        problems.extend(
+            f"endpoint assignment {n!r} belongs to no cluster" for n in assignments if n not in eds_names
+        )
         for name, route_config in routes.items():
             assert isinstance(route_config, route_pb2.RouteConfiguration)
             for vhost in route_config.virtual_hosts:
                 for route in vhost.routes:
-                    if route.HasField("route") and route.route.cluster and route.route.cluster not in clusters:
-                        problems.append(f"route {route.name!r} of {name!r} targets unknown cluster {route.route.cluster!r}")
+                    if (
+                        route.HasField("route")
+                        and route.route.cluster
+                        and route.route.cluster not in clusters
+                    ):
+                        problems.append(
+                            f"route {route.name!r} of {name!r} targets unknown cluster "
+                            f"{route.route.cluster!r}"
+                        )
         for name, listener in self.resources[LISTENER].items():
             assert isinstance(listener, listener_pb2.Listener)
             for chain in listener.filter_chains:
                 for flt in chain.filters:
                     manager = hcm.HttpConnectionManager()
-                    if flt.typed_config.Unpack(manager) and manager.HasField("rds"):
-                        if manager.rds.route_config_name not in routes:
-                            problems.append(
-                                f"listener {name!r} needs route configuration {manager.rds.route_config_name!r}"
-                            )
+                    if (
+                        flt.typed_config.Unpack(manager)
+                        and manager.HasField("rds")
+                        and manager.rds.route_config_name not in routes
+                    ):
+                        problems.append(
+                            f"listener {name!r} needs route configuration {manager.rds.route_config_name!r}"
+                        )
         return problems
 
     def check_consistent(self) -> None:

@@ -53,7 +53,11 @@ class AdsClient:
         error: str | None = None,
     ) -> None:
         request = discovery_pb2.DiscoveryRequest(
-            type_url=type_url, version_info=version, response_nonce=nonce, resource_names=names or [], node=self._node
+            type_url=type_url,
+            version_info=version,
+            response_nonce=nonce,
+            resource_names=names or [],
+            node=self._node,
         )
         if error is not None:
             request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))

@@ -8,11 +8,15 @@ from typing import Any
 import yaml
 
 
-def model(model_id: str, engine: str, ports: list[int], aliases: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+def model(
+    model_id: str, engine: str, ports: list[int], aliases: list[str] | None = None, **extra: Any
+) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "id": model_id,
         "engine": engine,
-        "endpoints": [{"id": f"{model_id}-{i}", "url": f"http://127.0.0.1:{port}"} for i, port in enumerate(ports)],
+        "endpoints": [
+            {"id": f"{model_id}-{i}", "url": f"http://127.0.0.1:{port}"} for i, port in enumerate(ports)
+        ],
     }
     if aliases:
         doc["aliases"] = aliases

@@ -8,7 +8,7 @@ from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 
 def seconds(value: float) -> duration_pb2.Duration:
     whole = int(value)
-    return duration_pb2.Duration(seconds=whole, nanos=int(round((value - whole) * 1e9)))
+    return duration_pb2.Duration(seconds=whole, nanos=round((value - whole) * 1e9))
 
 
 def uint32(value: int) -> wrappers_pb2.UInt32Value:

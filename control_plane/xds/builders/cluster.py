@@ -92,7 +92,9 @@ def build_cluster(model: ModelState) -> cluster_pb2.Cluster:
         outlier_detection=_outlier_detection(model),
         # No panic routing: with health coming from the control plane, sending traffic to hosts known to
         # be down when too few are healthy only turns a 503 into a slow failure.
-        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(healthy_panic_threshold=percent_pb2.Percent(value=0)),
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+            healthy_panic_threshold=percent_pb2.Percent(value=0)
+        ),
         typed_extension_protocol_options={_HTTP_OPTIONS_KEY: _http_options()},
     )
     if model.config.cluster_overrides:

@@ -35,5 +35,7 @@ def build_load_assignment(model: ModelState) -> endpoint_pb2.ClusterLoadAssignme
     ]
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=cluster_name(model.id),
-        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)] if lb_endpoints else [],
+        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)]
+        if lb_endpoints
+        else [],
     )

@@ -59,8 +59,12 @@ def _json_body_filter() -> j2m.JsonToMetadata:
             rules=[
                 j2m.JsonToMetadata.Rule(
                     selectors=[j2m.JsonToMetadata.Selector(key=MODEL_KEY)],
-                    # PROTOBUF_VALUE keeps the JSON type, so a number or bool `model` is told apart from a name.
-                    on_present=kv(metadata_namespace=METADATA_NAMESPACE, key=MODEL_KEY, type=j2m.JsonToMetadata.PROTOBUF_VALUE),
+                    # PROTOBUF_VALUE keeps the JSON type: a number or bool `model` is told apart from a name.
+                    on_present=kv(
+                        metadata_namespace=METADATA_NAMESPACE,
+                        key=MODEL_KEY,
+                        type=j2m.JsonToMetadata.PROTOBUF_VALUE,
+                    ),
                     # Setting any metadata makes the filter clear the route cache. Envoy picks the route
                     # before header_to_metadata runs, so without this a header-only model would be ignored.
                     on_missing=kv(
@@ -89,7 +93,10 @@ def build_connection_manager(settings: GatewaySettings) -> hcm.HttpConnectionMan
         http_filters=[
             # First: the buffer filter resolves the route, which must already see the header's model.
             _http_filter("envoy.filters.http.header_to_metadata", _model_header_filter(settings)),
-            _http_filter("envoy.filters.http.buffer", buffer_pb2.Buffer(max_request_bytes=uint32(settings.max_request_body_bytes))),
+            _http_filter(
+                "envoy.filters.http.buffer",
+                buffer_pb2.Buffer(max_request_bytes=uint32(settings.max_request_body_bytes)),
+            ),
             _http_filter("envoy.filters.http.json_to_metadata", _json_body_filter()),
             _http_filter("envoy.filters.http.router", router_pb2.Router()),
         ],
@@ -113,7 +120,9 @@ def build_listener(settings: GatewaySettings, node: NodeParams) -> listener_pb2.
     port = node.listen_port or settings.listen_port
     return listener_pb2.Listener(
         name=LISTENER_NAME,
-        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=address, port_value=port)),
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=address, port_value=port)
+        ),
         per_connection_buffer_limit_bytes=uint32(1024 * 1024),
         filter_chains=[
             listener_components_pb2.FilterChain(

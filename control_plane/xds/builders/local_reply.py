@@ -37,27 +37,59 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
     return (
         # Envoy's own successful answers (GET /v1/models, /health) already carry their JSON body.
         ReplyRule("", "", BODY, status=200),
-        ReplyRule("invalid_request_error", "model_not_found", f"The model `{MODEL}` does not exist.",
-                  route_cel="xds.route_name == 'unknown-model'"),
-        ReplyRule("invalid_request_error", "model_disabled", BODY, route_cel="xds.route_name.startsWith('disabled:')"),
-        ReplyRule("server_error", "model_unavailable",
-                  f"No healthy endpoint is available for the model `{MODEL}`. Retry later.", flags=("UH",)),
-        ReplyRule("server_error", "model_overloaded",
-                  f"The model `{MODEL}` is at its concurrency limit. Retry later.", flags=("UO",),
-                  headers=(("retry-after", "1"),)),
-        ReplyRule("timeout_error", "upstream_timeout",
-                  f"The model server for `{MODEL}` did not answer in time.", flags=("UT", "SI"), new_status=504),
-        ReplyRule("server_error", "upstream_unavailable",
-                  f"The model server for `{MODEL}` could not be reached.", flags=("UF", "URX", "UC", "UR", "NC")),
-        ReplyRule("invalid_request_error", "request_too_large",
-                  f"The request body is larger than the gateway's limit of {settings.max_request_body_bytes} bytes.",
-                  status=413),
+        ReplyRule(
+            "invalid_request_error",
+            "model_not_found",
+            f"The model `{MODEL}` does not exist.",
+            route_cel="xds.route_name == 'unknown-model'",
+        ),
+        ReplyRule(
+            "invalid_request_error",
+            "model_disabled",
+            BODY,
+            route_cel="xds.route_name.startsWith('disabled:')",
+        ),
+        ReplyRule(
+            "server_error",
+            "model_unavailable",
+            f"No healthy endpoint is available for the model `{MODEL}`. Retry later.",
+            flags=("UH",),
+        ),
+        ReplyRule(
+            "server_error",
+            "model_overloaded",
+            f"The model `{MODEL}` is at its concurrency limit. Retry later.",
+            flags=("UO",),
+            headers=(("retry-after", "1"),),
+        ),
+        ReplyRule(
+            "timeout_error",
+            "upstream_timeout",
+            f"The model server for `{MODEL}` did not answer in time.",
+            flags=("UT", "SI"),
+            new_status=504,
+        ),
+        ReplyRule(
+            "server_error",
+            "upstream_unavailable",
+            f"The model server for `{MODEL}` could not be reached.",
+            flags=("UF", "URX", "UC", "UR", "NC"),
+        ),
+        ReplyRule(
+            "invalid_request_error",
+            "request_too_large",
+            f"The request body is larger than the gateway's limit of "
+            f"{settings.max_request_body_bytes} bytes.",
+            status=413,
+        ),
         ReplyRule("invalid_request_error", "not_found", BODY, status=404),
         ReplyRule("invalid_request_error", "invalid_request", BODY, status=400),
     )
 
 
-def _format(rule_type: str, code: str, message: str) -> substitution_format_string_pb2.SubstitutionFormatString:
+def _format(
+    rule_type: str, code: str, message: str
+) -> substitution_format_string_pb2.SubstitutionFormatString:
     if not rule_type:
         return substitution_format_string_pb2.SubstitutionFormatString(
             text_format_source=base_pb2.DataSource(inline_string=message), content_type="application/json"
@@ -81,7 +113,9 @@ def _filter(rule: ReplyRule) -> accesslog_pb2.AccessLogFilter:
         )
     if rule.flags:
         parts.append(
-            accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=rule.flags))
+            accesslog_pb2.AccessLogFilter(
+                response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=rule.flags)
+            )
         )
     if rule.status is not None:
         parts.append(
@@ -89,7 +123,9 @@ def _filter(rule: ReplyRule) -> accesslog_pb2.AccessLogFilter:
                 status_code_filter=accesslog_pb2.StatusCodeFilter(
                     comparison=accesslog_pb2.ComparisonFilter(
                         op=accesslog_pb2.ComparisonFilter.EQ,
-                        value=base_pb2.RuntimeUInt32(default_value=rule.status, runtime_key=f"gateway.reply.{rule.status}"),
+                        value=base_pb2.RuntimeUInt32(
+                            default_value=rule.status, runtime_key=f"gateway.reply.{rule.status}"
+                        ),
                     )
                 )
             )

@@ -55,7 +55,9 @@ def _metadata_match(key: str, value: value_pb2.ValueMatcher) -> metadata_pb2.Met
 
 
 def _model_is(name: str) -> metadata_pb2.MetadataMatcher:
-    return _metadata_match(MODEL_KEY, value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=name)))
+    return _metadata_match(
+        MODEL_KEY, value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=name))
+    )
 
 
 def _direct(name: str, match: rc.RouteMatch, status: int, body: str) -> rc.Route:
@@ -98,7 +100,9 @@ def _retry_policy(model: ModelState) -> rc.RetryPolicy:
         retriable_status_codes=[503],
         num_retries=uint32(model.config.retry.attempts),
         retry_host_predicate=[
-            rc.RetryPolicy.RetryHostPredicate(name="envoy.retry_host_predicates.previous_hosts", typed_config=previous_hosts)
+            rc.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts", typed_config=previous_hosts
+            )
         ],
         host_selection_retry_max_attempts=3,
         retry_back_off=rc.RetryPolicy.RetryBackOff(base_interval=seconds(0.025), max_interval=seconds(0.25)),
@@ -142,7 +146,10 @@ def _response_headers(state: GatewayState) -> list[base_pb2.HeaderValueOption]:
             header=base_pb2.HeaderValue(key=key, value=value),
             append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
         )
-        for key, value in (("x-served-by", "%UPSTREAM_HOST%"), ("x-served-by-endpoint", "%UPSTREAM_HOST_NAME%"))
+        for key, value in (
+            ("x-served-by", "%UPSTREAM_HOST%"),
+            ("x-served-by-endpoint", "%UPSTREAM_HOST_NAME%"),
+        )
     ]
 
 
@@ -151,7 +158,9 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
     for model in state.models:
         if model.enabled:
             body = json.dumps(_model_object(model), separators=(",", ":"))
-            routes.extend(_direct(f"model-info:{n}", _get(f"/v1/models/{n}"), 200, body) for n in model.config.names)
+            routes.extend(
+                _direct(f"model-info:{n}", _get(f"/v1/models/{n}"), 200, body) for n in model.config.names
+            )
     routes.append(_direct("health", _get("/health"), 200, '{"status":"ok"}'))
 
     allowed = "|".join(re.escape(p) for p in INFERENCE_PATHS)
@@ -171,7 +180,8 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
                 ],
             ),
             404,
-            "Unknown API path. The gateway serves: GET /v1/models, " + ", ".join(f"POST {p}" for p in INFERENCE_PATHS),
+            "Unknown API path. The gateway serves: GET /v1/models, "
+            + ", ".join(f"POST {p}" for p in INFERENCE_PATHS),
         )
     )
     routes.append(
@@ -179,10 +189,13 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
             "invalid-json",
             rc.RouteMatch(
                 prefix="/",
-                dynamic_metadata=[_metadata_match(BODY_INVALID_KEY, value_pb2.ValueMatcher(present_match=True))],
+                dynamic_metadata=[
+                    _metadata_match(BODY_INVALID_KEY, value_pb2.ValueMatcher(present_match=True))
+                ],
             ),
             400,
-            "We could not parse the JSON body of your request: send a JSON object with content-type application/json.",
+            "We could not parse the JSON body of your request: send a JSON object with content-type "
+            "application/json.",
         )
     )
     for model in state.models:
@@ -191,7 +204,14 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
         string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".+"))
     )
     # The 404 body names the model; the listener's local reply mapper fills it in from the metadata.
-    routes.append(_direct("unknown-model", rc.RouteMatch(prefix="/", dynamic_metadata=[_metadata_match(MODEL_KEY, any_string)]), 404, ""))
+    routes.append(
+        _direct(
+            "unknown-model",
+            rc.RouteMatch(prefix="/", dynamic_metadata=[_metadata_match(MODEL_KEY, any_string)]),
+            404,
+            "",
+        )
+    )
     routes.append(
         _direct(
             "invalid-model",
@@ -208,7 +228,7 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
             "missing-model",
             rc.RouteMatch(prefix="/"),
             400,
-            f"You must provide a model parameter: a `model` field in the JSON body (or the "
+            f"You must provide a model parameter: `model` in the JSON body as a non-empty string (or the "
             f"`{state.settings.model_header}` header).",
         )
     )

@@ -249,3 +249,19 @@ def test_context_length_limit(sim):
             assert r.json()["error_type"] == "validation"
 
     run(main())
+
+
+def test_engine_specific_info_routes(sim):
+    async def main():
+        async with sim("vllm") as s, httpx.AsyncClient(base_url=s.url) as c:
+            r = await c.get("/version")
+            assert r.status_code == 200 and isinstance(r.json()["version"], str)
+            r = await c.get("/health")
+            assert r.status_code == 200 and r.content == b""
+        async with sim("sglang") as s, httpx.AsyncClient(base_url=s.url) as c:
+            info = (await c.get("/get_model_info")).json()
+            assert info["model_path"] == "qwen2" and info["is_generation"] is True
+            assert (await c.get("/health")).status_code == 200
+            assert (await c.get("/get_server_info")).json()["model_path"] == "qwen2"
+
+    run(main())

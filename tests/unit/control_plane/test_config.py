@@ -29,7 +29,9 @@ def test_the_shipped_registry_is_valid() -> None:
 
 
 def test_defaults_fill_in() -> None:
-    registry = parse_registry({"models": [{"id": "m", "engine": "vllm", "endpoints": [{"url": "http://10.0.0.1:8000"}]}]})
+    registry = parse_registry(
+        {"models": [{"id": "m", "engine": "vllm", "endpoints": [{"url": "http://10.0.0.1:8000"}]}]}
+    )
     model = registry.models[0]
     assert model.endpoint_id(0) == "m-0"
     assert model.endpoints[0].host == "10.0.0.1" and model.endpoints[0].port == 8000
@@ -40,31 +42,55 @@ def test_defaults_fill_in() -> None:
 @pytest.mark.parametrize(
     ("doc", "expected"),
     [
-        ({"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h"}]}]},
-         "models[0].endpoints[0].url: must name a port"),
-        ({"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "ftp://h:1"}]}]},
-         "models[0].endpoints[0].url: must start with http://"),
-        ({"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h:1/v1"}]}]},
-         "models[0].endpoints[0].url: must be a bare base URL"),
-        ({"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h:99999"}]}]},
-         "models[0].endpoints[0].url: has an invalid port"),
+        (
+            {"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h"}]}]},
+            "models[0].endpoints[0].url: must name a port",
+        ),
+        (
+            {"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "ftp://h:1"}]}]},
+            "models[0].endpoints[0].url: must start with http://",
+        ),
+        (
+            {"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h:1/v1"}]}]},
+            "models[0].endpoints[0].url: must be a bare base URL",
+        ),
+        (
+            {"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h:99999"}]}]},
+            "models[0].endpoints[0].url: has an invalid port",
+        ),
         ({"models": [{"id": "m", "engine": "llamacpp"}]}, "models[0].engine: Input should be"),
         ({"models": [{"id": "has space", "engine": "tgi"}]}, "models[0].id: must be 1-200 characters"),
         ({"models": [{"engine": "tgi"}]}, "models[0].id: Field required"),
-        ({"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h:1", "wieght": 2}]}]},
-         "models[0].endpoints[0].wieght: Extra inputs are not permitted"),
-        ({"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h:1", "weight": 0}]}]},
-         "models[0].endpoints[0].weight: Input should be greater than or equal to 1"),
-        ({"models": [{"id": "m", "engine": "tgi", "limits": {"max_concurrent_requests": 0}}]},
-         "models[0].limits.max_concurrent_requests: Input should be greater than or equal to 1"),
-        ({"models": [{"id": "m", "engine": "tgi", "cluster_overrides": {"no_such_field": 1}}]},
-         "models[0].cluster_overrides: not a valid Envoy Cluster fragment"),
+        (
+            {"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h:1", "wieght": 2}]}]},
+            "models[0].endpoints[0].wieght: Extra inputs are not permitted",
+        ),
+        (
+            {"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h:1", "weight": 0}]}]},
+            "models[0].endpoints[0].weight: Input should be greater than or equal to 1",
+        ),
+        (
+            {"models": [{"id": "m", "engine": "tgi", "limits": {"max_concurrent_requests": 0}}]},
+            "models[0].limits.max_concurrent_requests: Input should be greater than or equal to 1",
+        ),
+        (
+            {"models": [{"id": "m", "engine": "tgi", "cluster_overrides": {"no_such_field": 1}}]},
+            "models[0].cluster_overrides: not a valid Envoy Cluster fragment",
+        ),
         ({"gateway": {"listen_port": 0}}, "gateway.listen_port: Input should be greater than or equal to 1"),
-        ({"models": [{"id": "a", "engine": "tgi"}, {"id": "b", "engine": "tgi", "aliases": ["a"]}]},
-         "models[1].aliases[0]: name 'a' is already used by models[0].id"),
-        ({"models": [{"id": "a", "engine": "tgi", "endpoints": [{"id": "x", "url": "http://h:1"}]},
-                     {"id": "b", "engine": "tgi", "endpoints": [{"id": "x", "url": "http://h:2"}]}]},
-         "models[1].endpoints[0].id: endpoint id 'x' is already used by models[0].endpoints[0].id"),
+        (
+            {"models": [{"id": "a", "engine": "tgi"}, {"id": "b", "engine": "tgi", "aliases": ["a"]}]},
+            "models[1].aliases[0]: name 'a' is already used by models[0].id",
+        ),
+        (
+            {
+                "models": [
+                    {"id": "a", "engine": "tgi", "endpoints": [{"id": "x", "url": "http://h:1"}]},
+                    {"id": "b", "engine": "tgi", "endpoints": [{"id": "x", "url": "http://h:2"}]},
+                ]
+            },
+            "models[1].endpoints[0].id: endpoint id 'x' is already used by models[0].endpoints[0].id",
+        ),
         ([1, 2], "top level must be a mapping"),
     ],
 )
@@ -95,7 +121,9 @@ def test_file_errors(tmp_path: Path) -> None:
 
 def test_error_message_lists_the_source_and_paths(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump({"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h"}]}]}))
+    path.write_text(
+        yaml.safe_dump({"models": [{"id": "m", "engine": "tgi", "endpoints": [{"url": "http://h"}]}]})
+    )
     with pytest.raises(ConfigError) as info:
         load_registry(path)
     assert str(path) in str(info.value)

@@ -24,7 +24,12 @@ pytestmark = pytest.mark.unit
 
 def registry(*model_ids: str, port: int = 9000) -> Any:
     return parse_registry(
-        {"models": [{"id": m, "engine": "vllm", "endpoints": [{"url": f"http://127.0.0.1:{port}"}]} for m in model_ids]}
+        {
+            "models": [
+                {"id": m, "engine": "vllm", "endpoints": [{"url": f"http://127.0.0.1:{port}"}]}
+                for m in model_ids
+            ]
+        }
     )
 
 
@@ -110,10 +115,13 @@ def test_change_is_pushed_in_order_and_only_changed_types() -> None:
         for _ in range(2):
             response = await client.receive()
             seen[response.type_url] = response
-            client.ack(response, names=["model_a", "model_b"] if response.type_url == ENDPOINT else ["gateway"])
+            client.ack(
+                response, names=["model_a", "model_b"] if response.type_url == ENDPOINT else ["gateway"]
+            )
         assert set(seen) == {ENDPOINT, ROUTE}
-        assert {_unpack(r, endpoint_pb2.ClusterLoadAssignment).cluster_name for r in seen[ENDPOINT].resources} == {
-            "model_a", "model_b"}
+        assert {
+            _unpack(r, endpoint_pb2.ClusterLoadAssignment).cluster_name for r in seen[ENDPOINT].resources
+        } == {"model_a", "model_b"}
         await client.expect_silence(0.3)
         await client.close()
 
@@ -124,8 +132,16 @@ def test_eds_request_after_a_cds_push_is_answered_even_if_it_looks_like_an_ack()
     async def scenario(plane: ControlPlane, metrics: ControlPlaneMetrics, address: str) -> None:
         client = AdsClient(address, "envoy-1")
         got = await subscribe_all(client)
-        doc = {"models": [{"id": "a", "engine": "vllm", "endpoints": [{"url": "http://127.0.0.1:9000"}],
-                           "limits": {"connect_timeout_s": 5}}]}
+        doc = {
+            "models": [
+                {
+                    "id": "a",
+                    "engine": "vllm",
+                    "endpoints": [{"url": "http://127.0.0.1:9000"}],
+                    "limits": {"connect_timeout_s": 5},
+                }
+            ]
+        }
         await plane.apply_registry(parse_registry(doc))  # the cluster changes, its endpoints do not
         cds = await client.receive()
         client.ack(cds)
@@ -195,7 +211,9 @@ def test_several_nodes_with_their_own_listen_ports() -> None:
         ports = []
         for client in clients:
             got = await subscribe_all(client)
-            ports.append(_unpack(got["lds"].resources[0], listener_pb2.Listener).address.socket_address.port_value)
+            ports.append(
+                _unpack(got["lds"].resources[0], listener_pb2.Listener).address.socket_address.port_value
+            )
         assert ports == [10000, 10001, 10002]
         assert value(metrics, "llm_gateway_xds_connected_envoys") == 3
         await plane.apply_registry(registry("a", "b"))

@@ -28,11 +28,24 @@ REGISTRY = {
             "id": "qwen2",
             "aliases": ["qwen"],
             "engine": "tgi",
-            "endpoints": [{"id": "q0", "url": "http://127.0.0.1:8101", "weight": 3}, {"id": "q1", "url": "http://127.0.0.1:8102"}],
-            "limits": {"max_concurrent_requests": 8, "max_pending_requests": 4, "request_timeout_s": 30, "idle_timeout_s": 5},
+            "endpoints": [
+                {"id": "q0", "url": "http://127.0.0.1:8101", "weight": 3},
+                {"id": "q1", "url": "http://127.0.0.1:8102"},
+            ],
+            "limits": {
+                "max_concurrent_requests": 8,
+                "max_pending_requests": 4,
+                "request_timeout_s": 30,
+                "idle_timeout_s": 5,
+            },
             "retry": {"attempts": 1},
         },
-        {"id": "meta-llama/Llama-3.1-8B", "engine": "vllm", "enabled": False, "endpoints": [{"url": "http://127.0.0.1:8201"}]},
+        {
+            "id": "meta-llama/Llama-3.1-8B",
+            "engine": "vllm",
+            "enabled": False,
+            "endpoints": [{"url": "http://127.0.0.1:8201"}],
+        },
     ],
 }
 
@@ -47,19 +60,28 @@ def state(inputs: StateInputs | None = None) -> GatewayState:
 
 def rendered(type_url: str, node: NodeParams | None = None) -> dict[str, object]:
     snapshot = build_snapshot(state(), node or NodeParams())
-    return {name: json_format.MessageToDict(msg) for name, msg in sorted(snapshot.resources[type_url].items())}
+    return {
+        name: json_format.MessageToDict(msg) for name, msg in sorted(snapshot.resources[type_url].items())
+    }
 
 
 @pytest.mark.parametrize(
     ("type_url", "golden"),
-    [(CLUSTER, "clusters.json"), (ENDPOINT, "endpoints.json"), (LISTENER, "listeners.json"), (ROUTE, "routes.json")],
+    [
+        (CLUSTER, "clusters.json"),
+        (ENDPOINT, "endpoints.json"),
+        (LISTENER, "listeners.json"),
+        (ROUTE, "routes.json"),
+    ],
 )
 def test_rendered_resources_match_golden_files(type_url: str, golden: str) -> None:
     actual = json.dumps(rendered(type_url), indent=2, sort_keys=True) + "\n"
     path = GOLDEN / golden
     if os.environ.get("UPDATE_GOLDEN"):
         path.write_text(actual)
-    assert path.read_text() == actual, f"{golden} differs; rerun with UPDATE_GOLDEN=1 if the change is intended"
+    assert path.read_text() == actual, (
+        f"{golden} differs; rerun with UPDATE_GOLDEN=1 if the change is intended"
+    )
 
 
 def test_cluster_names_are_stat_safe_and_unique() -> None:
@@ -81,7 +103,9 @@ def test_versions_change_only_for_the_types_that_changed() -> None:
 
 
 def test_live_health_and_weight_reach_eds() -> None:
-    snapshot = build_snapshot(state(StateInputs(health={"q0": Health.UNHEALTHY}, weights={"q1": 7})), NodeParams())
+    snapshot = build_snapshot(
+        state(StateInputs(health={"q0": Health.UNHEALTHY}, weights={"q1": 7})), NodeParams()
+    )
     assignment = snapshot.resources[ENDPOINT]["model_qwen2"]
     by_id = {e.endpoint.hostname: e for e in assignment.endpoints[0].lb_endpoints}  # type: ignore[attr-defined]
     assert by_id["q0"].health_status == health_check_pb2.HealthStatus.UNHEALTHY
@@ -103,7 +127,10 @@ def test_models_list_has_only_enabled_models() -> None:
 
 def test_cluster_overrides_are_merged() -> None:
     doc = json.loads(json.dumps(REGISTRY))
-    doc["models"][0]["cluster_overrides"] = {"lb_policy": "ROUND_ROBIN", "per_connection_buffer_limit_bytes": 1234}
+    doc["models"][0]["cluster_overrides"] = {
+        "lb_policy": "ROUND_ROBIN",
+        "per_connection_buffer_limit_bytes": 1234,
+    }
     snapshot = build_snapshot(build_state(parse_registry(doc), fake_resolver), NodeParams())
     cluster = snapshot.resources[CLUSTER]["model_qwen2"]
     assert isinstance(cluster, cluster_pb2.Cluster)
