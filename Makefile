@@ -17,7 +17,9 @@ install: $(STAMP)
 
 ## Start Envoy, the control plane and the simulated backends in the foreground (Ctrl-C stops them).
 run: $(STAMP)
-	$(BIN)/python -m control_plane devstack --config $(CONFIG)
+	$(BIN)/python -m control_plane devstack --config $(CONFIG) \
+	  $(if $(GATEWAY_PORT),--listen-port $(GATEWAY_PORT)) $(if $(ADMIN_PORT),--admin-port $(ADMIN_PORT)) \
+	  $(if $(XDS_PORT),--xds-port $(XDS_PORT)) $(if $(ENVOY_ADMIN_PORT),--envoy-admin-port $(ENVOY_ADMIN_PORT))
 
 ## Lint, type-check and run the whole test suite.
 test: $(STAMP) lint

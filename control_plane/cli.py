@@ -105,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("devstack", help="run Envoy, the control plane and simulated backends (make run)")
     dev.add_argument("--config", default=env("GATEWAY_CONFIG", "models.yaml"))
-    dev.add_argument("--listen-port", type=int, default=int(env("GATEWAY_PORT", "8080")))
+    gateway_port = env("GATEWAY_PORT")
+    dev.add_argument(
+        "--listen-port",
+        type=int,
+        default=int(gateway_port) if gateway_port else None,
+        help="default: the registry's gateway.listen_port",
+    )
     dev.add_argument("--admin-port", type=int, default=int(env("ADMIN_PORT", "8081")))
     dev.add_argument("--xds-port", type=int, default=int(env("XDS_PORT", "18000")))
     dev.add_argument("--envoy-admin-port", type=int, default=int(env("ENVOY_ADMIN_PORT", "9901")))

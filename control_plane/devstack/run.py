@@ -15,7 +15,7 @@ from control_plane.errors import ConfigError
 @dataclass(frozen=True)
 class DevStackSettings:
     config_path: Path
-    listen_port: int = 8080
+    listen_port: int | None = None  # None: the registry's gateway.listen_port
     admin_port: int = 8081
     xds_port: int = 18000
     envoy_admin_port: int = 9901
@@ -64,14 +64,14 @@ def run_devstack(settings: DevStackSettings) -> int:
     previous_term = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         try:
-            stack.registry()
+            listen_port = settings.listen_port or stack.registry().gateway.listen_port
             print("starting simulated model servers ...", flush=True)
             stack.start_simulators()
             print("starting the control plane ...", flush=True)
             stack.start_control_plane()
             print("starting Envoy ...", flush=True)
             stack.start_envoy(
-                node_id="gateway-0", listen_port=settings.listen_port, admin_port=settings.envoy_admin_port
+                node_id="gateway-0", listen_port=listen_port, admin_port=settings.envoy_admin_port
             )
         except ConfigError as exc:
             print(f"error: {exc}")
