@@ -23,7 +23,7 @@ _ComposeLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
 def compose(path: Path) -> dict[str, Any]:
-    return yaml.load(path.read_text(), Loader=_ComposeLoader)  # noqa: S506 (safe loader subclass)
+    return yaml.load(path.read_text(), Loader=_ComposeLoader)
 
 
 @pytest.mark.parametrize("path", ["models.yaml", "deploy/compose/models.yaml"])
