@@ -12,13 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from fastapi import Depends
+from pydantic import SecretStr
 
 from control_plane.admin.app import create_admin_app
+from control_plane.admin.auth import bearer_guard
+from control_plane.admin.load import register_load_routes
+from control_plane.admin.views import Observers
 from control_plane.config.loader import load_registry
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.runtime import HealthWiring, TelemetryWiring, export_endpoint_gauges
 from control_plane.service import ControlPlane
+from control_plane.store.overlay import AdminStore
 from control_plane.watcher import ConfigWatcher
 from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.lrs import LoadReportingServicer, LoadReportStore, add_lrs_servicer
 from control_plane.xds.server import AdsServicer, create_grpc_server
 
 log = logging.getLogger(__name__)
@@ -27,11 +35,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServeSettings:
     config_path: Path
+    admin_token: SecretStr
+    state_db: Path = Path("var/gateway.db")
     xds_host: str = "127.0.0.1"
     xds_port: int = 18000
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
     reload_interval_s: float = 1.0
+    load_report_interval_s: float = 1.0
 
 
 class _AdminServer(uvicorn.Server):
@@ -55,19 +66,27 @@ async def serve(settings: ServeSettings) -> None:
     registry = load_registry(settings.config_path)  # ConfigError: refuse to start, the caller reports it
     metrics = ControlPlaneMetrics.create()
     cache = SnapshotCache()
-    plane = ControlPlane(registry, cache=cache, metrics=metrics)
+    store = AdminStore(settings.state_db)
+    plane = ControlPlane(registry, cache=cache, metrics=metrics, store=store)
+    plane.add_state_listener(lambda: export_endpoint_gauges(plane, metrics))
     watcher = ConfigWatcher(settings.config_path, plane.apply_registry, metrics, settings.reload_interval_s)
+    health = HealthWiring(plane, metrics)
+    plane.add_registry_listener(health.follow)
+    telemetry = TelemetryWiring.create(plane)
 
     grpc_server, xds_port = create_grpc_server(
         AdsServicer(cache, plane, metrics), f"{settings.xds_host}:{settings.xds_port}"
     )
+    load_store = LoadReportStore(interval_s=settings.load_report_interval_s)  # Envoys' LRS load reports
+    add_lrs_servicer(grpc_server, LoadReportingServicer(load_store))
+    observers = Observers(
+        prober=health.prober, loads=load_store, telemetry=telemetry.collector if telemetry else None
+    )
+    admin_app = create_admin_app(plane, metrics, watcher, settings.admin_token, observers)
+    register_load_routes(admin_app, load_store, dependencies=[Depends(bearer_guard(settings.admin_token))])
     admin_socket = _bind(settings.admin_host, settings.admin_port)
     admin_port = admin_socket.getsockname()[1]
-    admin = _AdminServer(
-        uvicorn.Config(
-            create_admin_app(plane, metrics, watcher), log_level="warning", access_log=False, lifespan="off"
-        )
-    )
+    admin = _AdminServer(uvicorn.Config(admin_app, log_level="warning", access_log=False, lifespan="off"))
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -76,13 +95,17 @@ async def serve(settings: ServeSettings) -> None:
     watcher.install_sighup(loop)
 
     await grpc_server.start()
+    await health.follow(plane.registry)
+    if telemetry is not None:
+        telemetry.start()
+    export_endpoint_gauges(plane, metrics)
     admin_task = asyncio.create_task(admin.serve(sockets=[admin_socket]))
     watch_task = asyncio.create_task(watcher.run())
     while not admin.started and not admin_task.done():
         await asyncio.sleep(0.01)
     print(f"READY xds={settings.xds_host}:{xds_port} admin={settings.admin_host}:{admin_port}", flush=True)
     log.info(
-        "control plane serving xDS on %s:%d, admin on %s:%d",
+        "control plane: xDS on %s:%d, admin on %s:%d",
         settings.xds_host,
         xds_port,
         settings.admin_host,
@@ -93,6 +116,10 @@ async def serve(settings: ServeSettings) -> None:
     finally:
         log.info("control plane stopping")
         watch_task.cancel()
+        await health.prober.close()
+        if telemetry is not None:
+            await telemetry.stop()
         admin.should_exit = True
         await grpc_server.stop(grace=1.0)
         await admin_task
+        store.close()

@@ -6,8 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from control_plane.errors import ConfigError
 
@@ -15,8 +18,16 @@ from control_plane.errors import ConfigError
 def _serve(args: argparse.Namespace) -> int:
     from control_plane.app import ServeSettings, serve
 
+    token = os.environ.get("ADMIN_TOKEN", "")
+    if not token:
+        token = secrets.token_urlsafe(24)
+        print(
+            f"warning: ADMIN_TOKEN is not set; this run's admin token is {token}", file=sys.stderr, flush=True
+        )
     settings = ServeSettings(
         config_path=Path(args.config),
+        admin_token=SecretStr(token),
+        state_db=Path(args.state_db),
         xds_host=args.xds_host,
         xds_port=args.xds_port,
         admin_host=args.admin_host,
@@ -89,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--xds-port", type=int, default=int(env("XDS_PORT", "18000")))
     serve.add_argument("--admin-host", default=env("ADMIN_HOST", "127.0.0.1"))
     serve.add_argument("--admin-port", type=int, default=int(env("ADMIN_PORT", "8081")))
+    serve.add_argument(
+        "--state-db", default=env("STATE_DB", "var/gateway.db"), help="SQLite file of admin changes"
+    )
     serve.set_defaults(func=_serve)
 
     validate = sub.add_parser("validate", help="check a registry file and exit")

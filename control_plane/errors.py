@@ -29,3 +29,11 @@ class InconsistentSnapshotError(GatewayError):
 
 class ResolutionError(GatewayError):
     """An endpoint host name could not be resolved to an IP address."""
+
+
+class NotFoundError(GatewayError):
+    """An admin call named a model or endpoint that does not exist."""
+
+
+class ConflictError(GatewayError):
+    """An admin call would clash with what exists (a taken name or id)."""

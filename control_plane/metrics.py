@@ -16,6 +16,10 @@ class ControlPlaneMetrics:
     snapshot_build_seconds: Histogram
     config_reloads: Counter
     snapshot_inconsistent: Counter
+    admin_actions: Counter
+    probes: Counter
+    endpoint_healthy: Gauge
+    endpoint_weight: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ControlPlaneMetrics:
@@ -43,6 +47,30 @@ class ControlPlaneMetrics:
             snapshot_inconsistent=Counter(
                 "llm_gateway_snapshot_inconsistent",
                 "Snapshots refused because a reference inside them dangled.",
+                registry=registry,
+            ),
+            admin_actions=Counter(
+                "llm_gateway_admin_actions",
+                "Changes made through the admin API.",
+                ["action"],
+                registry=registry,
+            ),
+            probes=Counter(
+                "llm_gateway_health_probes",
+                "Health probes by model and result (ok, failed, wrong_model).",
+                ["model", "result"],
+                registry=registry,
+            ),
+            endpoint_healthy=Gauge(
+                "llm_gateway_endpoint_healthy",
+                "1 if the endpoint is routable (healthy or not yet probed), 0 if down or draining.",
+                ["model", "endpoint"],
+                registry=registry,
+            ),
+            endpoint_weight=Gauge(
+                "llm_gateway_endpoint_weight",
+                "The load-balancing weight pushed to Envoy for the endpoint.",
+                ["model", "endpoint"],
                 registry=registry,
             ),
         )

@@ -41,6 +41,7 @@ class EndpointState:
 class ModelState:
     config: ModelConfig
     endpoints: tuple[EndpointState, ...] = ()
+    draining: bool = False  # no new requests (503), in-flight ones run to their end
 
     @property
     def id(self) -> str:
@@ -94,22 +95,38 @@ def resolve_host(host: str) -> str:
 
 @dataclass
 class StateInputs:
-    """What besides the registry shapes the state: health and weight overlays keyed by endpoint id."""
+    """What besides the registry shapes the state: probed health, telemetry weights, admin drains."""
 
-    health: dict[str, Health] = field(default_factory=dict)
-    weights: dict[str, int] = field(default_factory=dict)
+    health: dict[str, Health] = field(default_factory=dict)  # by endpoint id
+    weights: dict[str, int] = field(default_factory=dict)  # by endpoint id
+    draining_endpoints: frozenset[str] = frozenset()
+    draining_models: frozenset[str] = frozenset()
+
+    def endpoint_health(self, model_id: str, endpoint_id: str) -> Health:
+        if endpoint_id in self.draining_endpoints or model_id in self.draining_models:
+            return Health.DRAINING
+        return self.health.get(endpoint_id, Health.UNKNOWN)
 
 
-def build_state(registry: Registry, resolver: Resolver, inputs: StateInputs | None = None) -> GatewayState:
-    """Resolve every endpoint and overlay live health/weights. An unresolvable endpoint is left out."""
+def build_state(
+    registry: Registry,
+    resolver: Resolver,
+    inputs: StateInputs | None = None,
+    addresses: Mapping[str, str] | None = None,
+) -> GatewayState:
+    """Resolve every endpoint and overlay live health/weights. An unresolvable endpoint is left out.
+
+    `addresses` (endpoint id → IP) reuses earlier resolutions, so a health flip does not wait on DNS.
+    """
     inputs = inputs or StateInputs()
+    addresses = addresses or {}
     models = []
     for model in registry.models:
         endpoints = []
         for index, endpoint in enumerate(model.endpoints):
             endpoint_id = model.endpoint_id(index)
             try:
-                address = resolver(endpoint.host)
+                address = addresses.get(endpoint_id) or resolver(endpoint.host)
             except ResolutionError as exc:
                 log.warning("endpoint %s of model %s left out: %s", endpoint_id, model.id, exc)
                 continue
@@ -119,8 +136,10 @@ def build_state(registry: Registry, resolver: Resolver, inputs: StateInputs | No
                     address=address,
                     port=endpoint.port,
                     weight=inputs.weights.get(endpoint_id, endpoint.weight),
-                    health=inputs.health.get(endpoint_id, Health.UNKNOWN),
+                    health=inputs.endpoint_health(model.id, endpoint_id),
                 )
             )
-        models.append(ModelState(config=model, endpoints=tuple(endpoints)))
+        models.append(
+            ModelState(config=model, endpoints=tuple(endpoints), draining=model.id in inputs.draining_models)
+        )
     return GatewayState(settings=registry.gateway, models=tuple(models))

@@ -5,20 +5,24 @@ from control_plane.config.schema import (
     EndpointConfig,
     EngineKind,
     GatewaySettings,
+    HealthCheck,
     ModelConfig,
     ModelLimits,
     Registry,
     RetryPolicy,
+    Telemetry,
 )
 
 __all__ = [
     "EndpointConfig",
     "EngineKind",
     "GatewaySettings",
+    "HealthCheck",
     "ModelConfig",
     "ModelLimits",
     "Registry",
     "RetryPolicy",
+    "Telemetry",
     "load_registry",
     "parse_registry",
 ]

@@ -40,6 +40,10 @@ class EndpointConfig(_Frozen):
     id: str | None = Field(default=None, description="Stable id; defaults to '<model id>-<index>'.")
     url: str = Field(description="Base URL of the model server, e.g. http://10.0.0.7:8000")
     weight: int = Field(default=1, ge=1, le=10_000, description="Static load-balancing weight.")
+    gpu_metrics_url: str | None = Field(
+        default=None,
+        description="A DCGM exporter's /metrics for this replica's GPU; default: the server's own /metrics.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -81,6 +85,36 @@ class EndpointConfig(_Frozen):
         return port
 
 
+class HealthCheck(_Frozen):
+    """Active probing of every endpoint: the engine's health call, then a check of the model it serves."""
+
+    interval_s: PositiveSeconds = 2.0
+    timeout_s: PositiveSeconds = 1.0
+    unhealthy_threshold: int = Field(
+        default=2, ge=1, le=100, description="Failures in a row to mark it down."
+    )
+    healthy_threshold: int = Field(
+        default=1, ge=1, le=100, description="Successes in a row to bring it back."
+    )
+    jitter: float = Field(
+        default=0.1, ge=0, le=1, description="Random spread of the interval, as a fraction."
+    )
+    check_model: bool = Field(default=True, description="Refuse an endpoint that serves another model.")
+
+
+class Telemetry(_Frozen):
+    """Scraping of the engines' /metrics and the weights derived from it."""
+
+    enabled: bool = True
+    interval_s: PositiveSeconds = 2.0
+    timeout_s: PositiveSeconds = 1.0
+    policy: str = Field(default="telemetry", description="Weight policy: none | queue | telemetry.")
+    max_weight: int = Field(default=100, ge=1, le=10_000)
+    min_push_interval_s: OptionalSeconds = 2.0
+    hysteresis: float = Field(default=0.2, ge=0, le=10)
+    stale_after_s: PositiveSeconds = 10.0
+
+
 class ModelLimits(_Frozen):
     """Per-model limits, enforced by Envoy's circuit breakers and route timeouts."""
 
@@ -119,6 +153,12 @@ class ModelConfig(_Frozen):
     engine: EngineKind
     enabled: bool = True
     owned_by: str = "llm-gateway"
+    served_model: str | None = Field(
+        default=None,
+        description="The model name the engine reports (/info model_id, /v1/models ids); default: the id or "
+        "any alias.",
+    )
+    health: HealthCheck | None = Field(default=None, description="Overrides the registry-wide health check.")
     endpoints: tuple[EndpointConfig, ...] = ()
     limits: ModelLimits = ModelLimits()
     retry: RetryPolicy = RetryPolicy()
@@ -163,6 +203,10 @@ class ModelConfig(_Frozen):
         endpoint = self.endpoints[index]
         return endpoint.id if endpoint.id is not None else f"{self.id}-{index}"
 
+    def serves(self, reported: str) -> bool:
+        """Whether a model name reported by an engine is this model."""
+        return reported == self.served_model if self.served_model else reported in self.names
+
     @property
     def names(self) -> tuple[str, ...]:
         """Every name a client may use for this model: its id first, then its aliases."""
@@ -184,6 +228,8 @@ class GatewaySettings(_Frozen):
 
 class Registry(_Frozen):
     gateway: GatewaySettings = GatewaySettings()
+    health: HealthCheck = HealthCheck()
+    telemetry: Telemetry = Telemetry()
     models: tuple[ModelConfig, ...] = ()
 
     @model_validator(mode="after")
@@ -213,6 +259,9 @@ class Registry(_Frozen):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def health_check(self, model: ModelConfig) -> HealthCheck:
+        return model.health or self.health
 
     def model(self, name: str) -> ModelConfig | None:
         """The model a client name (id or alias) refers to."""

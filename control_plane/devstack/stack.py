@@ -4,6 +4,8 @@ one or more Envoys, each a child process on loopback."""
 from __future__ import annotations
 
 import ipaddress
+import os
+import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ class StackSettings:
     sim_extra_args: dict[str, list[str]] = field(default_factory=dict)  # endpoint id → extra CLI flags
     envoy_concurrency: int = 1
     envoy_log_level: str = "warning"
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    state_db: Path | None = None  # default: <work_dir>/state.db, kept across control-plane restarts
 
 
 class LocalStack:
@@ -132,9 +136,12 @@ class LocalStack:
             str(self.xds_port),
             "--admin-port",
             str(self.admin_port),
+            "--state-db",
+            str(self.settings.state_db or self.settings.work_dir / "state.db"),
         ]
         log = self._log(f"control-plane-{self._cp_starts}")
-        process = ManagedProcess("control-plane", argv, log, cwd=REPO_ROOT).start()
+        env = {**os.environ, "ADMIN_TOKEN": self.settings.admin_token}
+        process = ManagedProcess("control-plane", argv, log, env=env, cwd=REPO_ROOT).start()
         match = process.wait_for_line(r"^READY xds=[\d.]+:(\d+) admin=[\d.]+:(\d+)", timeout_s=30)
         self.xds_port, self.admin_port = int(match.group(1)), int(match.group(2))
         self.control_plane = process

@@ -16,6 +16,7 @@ class SnapshotCache:
     def __init__(self) -> None:
         self._snapshots: dict[str, Snapshot] = {}
         self._watchers: dict[str, set[Callable[[], None]]] = {}
+        self._answered: dict[str, dict[str, str]] = {}  # node → type URL → last version ACKed or NACKed
 
     def set_snapshot(self, node_id: str, snapshot: Snapshot) -> bool:
         """Store the snapshot if it differs from the current one; True when watchers were notified.
@@ -30,6 +31,19 @@ class SnapshotCache:
         for notify in list(self._watchers.get(node_id, ())):
             notify()
         return True
+
+    def record_answer(self, node_id: str, type_url: str, version: str) -> None:
+        """An Envoy ACKed or NACKed `version` of a type: it has dealt with it, one way or the other."""
+        self._answered.setdefault(node_id, {})[type_url] = version
+
+    def forget_answers(self, node_id: str) -> None:
+        self._answered.pop(node_id, None)
+
+    def synced(self, node_id: str) -> bool:
+        """Whether the node has answered the current version of every type of its snapshot."""
+        snapshot = self._snapshots.get(node_id)
+        answered = self._answered.get(node_id, {})
+        return snapshot is not None and all(answered.get(t) == v for t, v in snapshot.versions.items())
 
     def get_snapshot(self, node_id: str) -> Snapshot | None:
         return self._snapshots.get(node_id)

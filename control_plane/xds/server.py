@@ -147,6 +147,8 @@ class _SotwStream:
             return
         if request.response_nonce:
             state.awaiting_ack = False
+            if state.sent_version is not None:
+                self._cache.record_answer(self._node_key, type_url, state.sent_version)
             if request.HasField("error_detail"):
                 if type_url in _DEPENDENTS:  # a rejected push triggers no re-request
                     dependent = self._types[_DEPENDENTS[type_url]]
@@ -226,6 +228,7 @@ class _SotwStream:
                             await self.on_request(event)
                         event = await queue.get()
             finally:
+                self._cache.forget_answers(self._node_key)
                 self._metrics.xds_connected.dec()
                 nodes.node_disconnected(self._node_key)
                 log.info("envoy %s disconnected", first.node.id)

@@ -10,7 +10,14 @@ import pytest
 
 from control_plane.devstack.procs import free_port
 from tests.integration.conftest import StackFactory, write_config
-from tests.support.gateway import chat, envoy_cluster_hosts, eventually, prometheus_value, served_by
+from tests.support.gateway import (
+    admin_client,
+    chat,
+    envoy_cluster_hosts,
+    eventually,
+    prometheus_value,
+    served_by,
+)
 from tests.support.registries import model, registry
 
 pytestmark = pytest.mark.integration
@@ -85,7 +92,8 @@ def test_a_bad_edit_is_refused_and_the_last_good_config_stays_live(make_stack: S
             ),
             what="the reload failure to be counted",
         )
-        status = client.get(f"{stack.admin_url}/admin/status").json()
+        with admin_client(stack) as admin:
+            status = admin.get("/admin/status").json()
         assert "models[0].endpoints[0].url" in status["config_error"]
         assert chat(client, url, "qwen2").status_code == 200
         assert [m["id"] for m in status["models"]] == ["qwen2"]

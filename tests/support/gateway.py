@@ -56,3 +56,12 @@ def envoy_cluster_hosts(client: httpx.Client, admin_url: str, cluster: str) -> s
         if len(parts) >= 3 and parts[0] == cluster and parts[2] == "cx_active":
             hosts.add(parts[1])
     return hosts
+
+
+def admin_client(stack: Any, timeout_s: float = 10.0) -> httpx.Client:
+    """An httpx client for the stack's admin API, with its bearer token."""
+    return httpx.Client(
+        base_url=stack.admin_url,
+        headers={"authorization": f"Bearer {stack.settings.admin_token}"},
+        timeout=timeout_s,
+    )

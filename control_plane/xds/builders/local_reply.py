@@ -51,6 +51,13 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
         ),
         ReplyRule(
             "server_error",
+            "model_draining",
+            BODY,
+            route_cel="xds.route_name.startsWith('draining:')",
+            headers=(("retry-after", "5"),),
+        ),
+        ReplyRule(
+            "server_error",
             "model_unavailable",
             f"No healthy endpoint is available for the model `{MODEL}`. Retry later.",
             flags=("UH",),

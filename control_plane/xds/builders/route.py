@@ -105,6 +105,9 @@ def _retry_policy(model: ModelState) -> rc.RetryPolicy:
             )
         ],
         host_selection_retry_max_attempts=3,
+        # A replica that accepted the request and went silent is given up for another one (before any
+        # byte reached the client); the route's idle timeout still bounds the whole exchange.
+        per_try_idle_timeout=seconds(model.config.limits.idle_timeout_s),
         retry_back_off=rc.RetryPolicy.RetryBackOff(base_interval=seconds(0.025), max_interval=seconds(0.25)),
     )
 
@@ -116,6 +119,9 @@ def _model_routes(model: ModelState) -> list[rc.Route]:
         if not model.enabled:
             routes.append(_direct(f"disabled:{name}", match, 503, f"The model `{model.id}` is disabled."))
             continue
+        if model.draining:
+            routes.append(_direct(f"draining:{name}", match, 503, f"The model `{model.id}` is draining."))
+            continue
         limits = model.config.limits
         routes.append(
             rc.Route(
@@ -124,7 +130,9 @@ def _model_routes(model: ModelState) -> list[rc.Route]:
                 route=rc.RouteAction(
                     cluster=cluster_name(model.id),
                     timeout=seconds(limits.request_timeout_s),
-                    idle_timeout=seconds(limits.idle_timeout_s),
+                    # Each try is cut after `idle_timeout_s` of silence (per_try_idle_timeout) and retried
+                    # elsewhere if nothing reached the client yet; this outer bound covers all tries.
+                    idle_timeout=seconds(limits.idle_timeout_s * (model.config.retry.attempts + 1) + 1),
                     retry_policy=_retry_policy(model),
                 ),
                 request_headers_to_add=[

@@ -1,0 +1,114 @@
+"""Read models of the admin API: what the control plane knows about each model and endpoint, live."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+from control_plane.config.schema import ModelConfig
+from control_plane.health.prober import HealthProber
+from control_plane.service import ControlPlane
+from control_plane.state import EndpointState, Health
+
+# Reports older than this, relative to the start of a drain, do not count as "after the drain".
+DRAIN_REPORT_MARGIN_S = 0.2
+
+
+class LoadView(Protocol):
+    """In-flight requests per upstream address as Envoys report them (LRS)."""
+
+    def in_flight(self, address: str) -> int: ...
+
+    def last_report_age(self, node_id: str) -> float | None: ...
+
+
+class SignalsView(Protocol):
+    """Latest telemetry per endpoint id (objects that are dataclasses)."""
+
+    def latest(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Observers:
+    prober: HealthProber | None = None
+    loads: LoadView | None = None
+    telemetry: SignalsView | None = None
+
+
+def drained(plane: ControlPlane, loads: LoadView | None, key: str, addresses: list[str]) -> bool | None:
+    """True once every connected Envoy reported, after the drain began, nothing in flight on `addresses`."""
+    started = plane.drain_started(key)
+    if started is None:
+        return None
+    if loads is None:
+        return None
+    now = time.monotonic()
+    for node in plane.connected_nodes():
+        age = loads.last_report_age(node)
+        if age is None or now - age < started + DRAIN_REPORT_MARGIN_S:
+            return False
+    return all(loads.in_flight(address) == 0 for address in addresses)
+
+
+def _as_dict(value: object) -> dict[str, Any] | None:
+    if value is None or not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return None
+    return dataclasses.asdict(cast(Any, value))
+
+
+def _state_endpoint(plane: ControlPlane, endpoint_id: str) -> EndpointState | None:
+    for model in plane.state.models:
+        for endpoint in model.endpoints:
+            if endpoint.id == endpoint_id:
+                return endpoint
+    return None
+
+
+def endpoint_view(
+    plane: ControlPlane, observers: Observers, model: ModelConfig, index: int
+) -> dict[str, Any]:
+    endpoint_id = model.endpoint_id(index)
+    config = model.endpoints[index]
+    live = _state_endpoint(plane, endpoint_id)
+    address = f"{live.address}:{live.port}" if live else None
+    status = observers.prober.status(endpoint_id) if observers.prober else None
+    signals = observers.telemetry.latest().get(endpoint_id) if observers.telemetry else None
+    draining = endpoint_id in plane.inputs.draining_endpoints or model.id in plane.inputs.draining_models
+    loads = observers.loads
+    return {
+        "id": endpoint_id,
+        "url": config.url,
+        "address": address,
+        "health": status.health.value if status else Health.UNKNOWN.value,
+        "reason": (status.reason if status else "") if live else "host name does not resolve",
+        "last_probe_at": status.last_probe_at if status else None,
+        "weight": live.weight if live else None,
+        "static_weight": config.weight,
+        "draining": draining,
+        "drained": drained(plane, loads, f"endpoint:{endpoint_id}", [address])
+        if draining and address
+        else None,
+        "in_flight": loads.in_flight(address) if loads and address else None,
+        "signals": _as_dict(signals),
+        "source": "admin" if endpoint_id in plane.applied.admin_endpoints else "file",
+    }
+
+
+def model_view(plane: ControlPlane, observers: Observers, model: ModelConfig) -> dict[str, Any]:
+    endpoints = [endpoint_view(plane, observers, model, i) for i in range(len(model.endpoints))]
+    draining = model.id in plane.inputs.draining_models
+    addresses = [e["address"] for e in endpoints if e["address"]]
+    return {
+        "id": model.id,
+        "aliases": list(model.aliases),
+        "engine": model.engine.value,
+        "enabled": model.enabled,
+        "draining": draining,
+        "drained": drained(plane, observers.loads, f"model:{model.id}", addresses) if draining else None,
+        "healthy_endpoints": sum(1 for e in endpoints if e["health"] == "healthy" and not e["draining"]),
+        "in_flight": sum(e["in_flight"] or 0 for e in endpoints) if observers.loads else None,
+        "source": "admin" if model.id in plane.applied.admin_models else "file",
+        "endpoints": endpoints,
+    }

@@ -1,0 +1,1 @@
+"""Active health probing of model server endpoints."""
