@@ -84,6 +84,7 @@ def _devstack(args: argparse.Namespace) -> int:
             xds_port=args.xds_port,
             envoy_admin_port=args.envoy_admin_port,
             state_dir=Path(args.state_dir),
+            admin_token=os.environ.get("ADMIN_TOKEN") or None,
         )
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import signal
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ class DevStackSettings:
     envoy_admin_port: int = 9901
     state_dir: Path = Path("var")
     envoy_concurrency: int = 2
+    admin_token: str | None = None  # None: generate one for this run and print it
 
 
 class _Stop(Exception):
@@ -33,6 +35,7 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 def _banner(stack: LocalStack, settings: DevStackSettings) -> str:
     envoy = stack.envoys[0]
+    token = stack.settings.admin_token
     models = ", ".join(m.id for m in stack.registry().models)
     return f"""
 LLM gateway is up.
@@ -40,10 +43,13 @@ LLM gateway is up.
   Admin API          {stack.admin_url}      (metrics: {stack.admin_url}/metrics)
   Envoy admin        {envoy.admin_url}
   Logs               {settings.state_dir / "logs"}/
+  Admin token        {token}{"" if settings.admin_token else " (generated: set ADMIN_TOKEN to choose one)"}
 
 Try:
   curl -s {envoy.url}/v1/chat/completions -H 'content-type: application/json' \\
     -d '{{"model": "qwen2", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  curl -s {stack.admin_url}/admin/models -H "Authorization: Bearer {token}"
 
 Edit {settings.config_path} to add or change models: the change is live within a second.
 Press Ctrl-C to stop every process this started.
@@ -58,6 +64,8 @@ def run_devstack(settings: DevStackSettings) -> int:
             xds_port=settings.xds_port,
             admin_port=settings.admin_port,
             envoy_concurrency=settings.envoy_concurrency,
+            admin_token=settings.admin_token or secrets.token_urlsafe(24),
+            state_db=settings.state_dir.resolve() / "gateway.db",
         )
     )
     previous_int = signal.signal(signal.SIGINT, _raise_stop)

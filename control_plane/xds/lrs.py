@@ -150,9 +150,8 @@ class LoadReportStore:
     def node_connected(self, node_id: str) -> None:
         node = self._nodes.setdefault(node_id, _Node())
         if node.streams == 0:
-            node.reported_since_connect = (
-                False  # back after a gap: in-flight figures unknown until it reports
-            )
+            # Back after a gap (or new): what it has in flight is unknown until its next report.
+            node.reported_since_connect = False
         node.streams += 1
         node.gone_at = None
         self._notify()

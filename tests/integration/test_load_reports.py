@@ -140,6 +140,7 @@ def test_a_stopped_envoy_stops_counting(make_stack: StackFactory) -> None:
     port = free_port()
     stack = make_stack(registry(model("qwen2", "tgi", [port])))
     second = stack.start_envoy()
+    assert httpx.get(f"{stack.admin_url}/admin/load", timeout=5).status_code == 401  # admin token needed
     with httpx.Client(timeout=5, headers=admin_headers(stack)) as client:
         eventually(
             lambda: (

@@ -1,0 +1,1 @@
+"""Load tests and benchmarks of the gateway (run as modules, e.g. ``python -m loadtest.bench_balancing``)."""
