@@ -256,9 +256,7 @@ async def stream_chat(
             endpoint = response.headers.get("x-served-by-endpoint", "")
             if status != 200:
                 text = await response.text()
-                return StreamResult(
-                    started, time.monotonic(), status, False, ttft, endpoint, 0, text[:200]
-                )
+                return StreamResult(started, time.monotonic(), status, False, ttft, endpoint, 0, text[:200])
             async for raw in response.content:
                 if not raw.startswith(b"data:"):
                     continue
