@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= models.yaml
 
-.PHONY: install run test unit integration lint clean
+.PHONY: install run test unit integration lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -m integration
+
+## Benchmarks (not tests): figures for docs/benchmarks.md, bounded in time.
+bench: $(STAMP)
+	$(BIN)/python -m loadtest.bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check control_plane backends tests loadtest

@@ -20,6 +20,8 @@ class ControlPlaneMetrics:
     probes: Counter
     endpoint_healthy: Gauge
     endpoint_weight: Gauge
+    alert_notifications: Counter
+    auto_actions: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ControlPlaneMetrics:
@@ -65,6 +67,18 @@ class ControlPlaneMetrics:
                 "llm_gateway_endpoint_healthy",
                 "1 if the endpoint is routable (healthy or not yet probed), 0 if down or draining.",
                 ["model", "endpoint"],
+                registry=registry,
+            ),
+            alert_notifications=Counter(
+                "llm_gateway_alert_notifications",
+                "Alertmanager notifications received, by alert and status.",
+                ["alertname", "status"],
+                registry=registry,
+            ),
+            auto_actions=Counter(
+                "llm_gateway_auto_actions",
+                "Automatic actions taken on alerts (drain, undrain, drain_refused).",
+                ["action"],
                 registry=registry,
             ),
             endpoint_weight=Gauge(

@@ -11,11 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from control_plane.admin.auth import bearer_guard
 from control_plane.admin.operations import AdminOperations
 from control_plane.admin.views import Observers, endpoint_view, model_view
+from control_plane.alerts.receiver import AlertReceiver, Notification
 from control_plane.config.schema import EndpointConfig, ModelConfig
 from control_plane.errors import ConflictError, NotFoundError
 from control_plane.metrics import ControlPlaneMetrics
@@ -32,6 +33,7 @@ def create_admin_app(
 ) -> FastAPI:
     observers = observers or Observers()
     ops = AdminOperations(plane, metrics)
+    alerts = AlertReceiver(plane, ops, metrics)
     app = FastAPI(
         title="LLM gateway admin API",
         version="0.1.0",
@@ -118,6 +120,7 @@ def create_admin_app(
     @admin.post("/endpoints/{endpoint_id}/undrain")
     async def undrain_endpoint(endpoint_id: str) -> dict[str, Any]:
         await ops.set_endpoint_draining(endpoint_id, False)
+        alerts.forget_endpoint(endpoint_id)  # the operator's decision wins over a pending auto-undrain
         return get_endpoint(endpoint_id)
 
     @admin.delete("/endpoints/{endpoint_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -144,5 +147,31 @@ def create_admin_app(
     def audit(limit: int = 100) -> dict[str, Any]:
         return {"entries": plane.store.audit(min(max(limit, 1), 1000))}
 
+    @admin.get("/alerts")
+    def list_alerts(limit: int = 50) -> dict[str, Any]:
+        return {
+            "notifications": alerts.recent(min(max(limit, 1), 1000)),
+            "auto_drain": sorted(alerts.auto_drain_alerts()),
+            "pending_undrains": alerts.pending_undrains(),
+        }
+
+    @admin.put("/alerts/{alertname}/auto-drain")
+    def set_auto_drain(alertname: str, setting: AutoDrainSetting) -> dict[str, Any]:
+        alerts.set_auto_drain(alertname, setting.enabled)
+        metrics.admin_actions.labels("alert.auto_drain").inc()
+        return {"alertname": alertname, "auto_drain": alertname in alerts.auto_drain_alerts()}
+
+    # Alertmanager's webhook receiver (configured with the same bearer token).
+    @app.post("/alerts/webhook", tags=["alerts"], dependencies=[Depends(bearer_guard(token))])
+    async def alert_webhook(notification: Notification) -> dict[str, Any]:
+        return {"handled": await alerts.handle(notification)}
+
     app.include_router(admin)
+    app.state.alerts = alerts
     return app
+
+
+class AutoDrainSetting(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool

@@ -115,6 +115,13 @@ class Telemetry(_Frozen):
     stale_after_s: PositiveSeconds = 10.0
 
 
+class Alerting(_Frozen):
+    auto_drain: tuple[str, ...] = Field(
+        default=(),
+        description="Alerts allowed to drain the endpoint they name (label `endpoint`) while they fire.",
+    )
+
+
 class ModelLimits(_Frozen):
     """Per-model limits, enforced by Envoy's circuit breakers and route timeouts."""
 
@@ -230,6 +237,7 @@ class Registry(_Frozen):
     gateway: GatewaySettings = GatewaySettings()
     health: HealthCheck = HealthCheck()
     telemetry: Telemetry = Telemetry()
+    alerting: Alerting = Alerting()
     models: tuple[ModelConfig, ...] = ()
 
     @model_validator(mode="after")

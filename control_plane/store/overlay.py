@@ -37,6 +37,13 @@ CREATE TABLE IF NOT EXISTS flags (
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,
     detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alerts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, status TEXT NOT NULL,
+    alertname TEXT NOT NULL, fingerprint TEXT NOT NULL, labels TEXT NOT NULL, annotations TEXT NOT NULL,
+    starts_at TEXT NOT NULL, ends_at TEXT NOT NULL, action TEXT);
+CREATE TABLE IF NOT EXISTS auto_actions (
+    endpoint_id TEXT NOT NULL, alertname TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (endpoint_id, alertname));
 """
 
 
@@ -71,9 +78,10 @@ class AdminStore:
         with self._lock:
             self._db.close()
 
-    def _write(
+    def write(
         self, statements: list[tuple[str, tuple[Any, ...]]], action: str, target: str, detail: str
     ) -> None:
+        """Run `statements` in one transaction, with an audit row saying what was done to what."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -88,14 +96,14 @@ class AdminStore:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    def rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return list(self._db.execute(sql, args).fetchall())
 
     # Models and endpoints
     def add_model(self, model: ModelConfig) -> None:
         doc = model.model_dump_json(exclude_defaults=True)
-        self._write(
+        self.write(
             [
                 ("DELETE FROM removed WHERE kind = 'model' AND id = ?", (model.id,)),
                 (
@@ -117,12 +125,12 @@ class AdminStore:
         ]
         if from_file:
             statements.append(("INSERT OR IGNORE INTO removed (kind, id) VALUES ('model', ?)", (model_id,)))
-        self._write(statements, "model.remove", model_id, "")
+        self.write(statements, "model.remove", model_id, "")
 
     def add_endpoint(self, model_id: str, endpoint: EndpointConfig) -> None:
         assert endpoint.id is not None, "admin-added endpoints carry an explicit id"
         doc = endpoint.model_dump_json(exclude_defaults=True)
-        self._write(
+        self.write(
             [
                 ("DELETE FROM removed WHERE kind = 'endpoint' AND id = ?", (endpoint.id,)),
                 (
@@ -145,7 +153,7 @@ class AdminStore:
             statements.append(
                 ("INSERT OR IGNORE INTO removed (kind, id) VALUES ('endpoint', ?)", (endpoint_id,))
             )
-        self._write(statements, "endpoint.remove", endpoint_id, "")
+        self.write(statements, "endpoint.remove", endpoint_id, "")
 
     # Flags
     def set_flag(self, kind: str, target: str, flag: str, value: bool | None) -> None:
@@ -158,10 +166,10 @@ class AdminStore:
                 "INSERT OR REPLACE INTO flags (kind, id, flag, value) VALUES (?, ?, ?, ?)",
                 (kind, target, flag, int(value)),
             )
-        self._write([statement], f"{kind}.{flag}", target, "" if value is None else str(value).lower())
+        self.write([statement], f"{kind}.{flag}", target, "" if value is None else str(value).lower())
 
     def flags(self) -> Flags:
-        rows = self._rows("SELECT kind, id, flag, value FROM flags")
+        rows = self.rows("SELECT kind, id, flag, value FROM flags")
         return Flags(
             disabled_models=frozenset(i for k, i, f, v in rows if k == "model" and f == "enabled" and not v),
             enabled_models=frozenset(i for k, i, f, v in rows if k == "model" and f == "enabled" and v),
@@ -172,15 +180,15 @@ class AdminStore:
         )
 
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self._rows("SELECT at, action, target, detail FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
+        rows = self.rows("SELECT at, action, target, detail FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
         return [{"at": at, "action": a, "target": t, "detail": d} for at, a, t, d in rows]
 
     # Layering
     def apply(self, base: Registry) -> Applied:
         """The effective registry: the file's, with the overlay's additions, removals and flags."""
         warnings: list[str] = []
-        removed_models = {i for (i,) in self._rows("SELECT id FROM removed WHERE kind = 'model'")}
-        removed_endpoints = {i for (i,) in self._rows("SELECT id FROM removed WHERE kind = 'endpoint'")}
+        removed_models = {i for (i,) in self.rows("SELECT id FROM removed WHERE kind = 'model'")}
+        removed_endpoints = {i for (i,) in self.rows("SELECT id FROM removed WHERE kind = 'endpoint'")}
         flags = self.flags()
 
         models: list[dict[str, Any]] = []
@@ -201,7 +209,7 @@ class AdminStore:
             endpoint_ids.update(model.endpoint_id(i) for i in range(len(model.endpoints)))
 
         admin_models = set()
-        for (doc_text,) in self._rows("SELECT doc FROM added_models ORDER BY seq"):
+        for (doc_text,) in self.rows("SELECT doc FROM added_models ORDER BY seq"):
             doc = json.loads(doc_text)
             clash = {doc["id"], *doc.get("aliases", [])} & names
             if clash:
@@ -215,7 +223,7 @@ class AdminStore:
 
         by_id = {m["id"]: m for m in models}
         admin_endpoints = set()
-        for endpoint_id, model_id, doc_text in self._rows(
+        for endpoint_id, model_id, doc_text in self.rows(
             "SELECT id, model_id, doc FROM added_endpoints ORDER BY seq"
         ):
             if model_id not in by_id:

@@ -1,0 +1,1 @@
+"""Alertmanager notifications: recorded, shown, and (where the operator allows it) acted upon."""
