@@ -59,22 +59,27 @@ _WORDS = (
 )
 
 
+LEAST_REQUEST_TYPE = (
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"
+)
+
+
 @dataclass(frozen=True)
 class Policy:
     key: str
     label: str
-    cluster_overrides: Mapping[str, Any]
+    model_fields: Mapping[str, Any]  # registry fields of the model (load_balancing, cluster_overrides)
     telemetry: Mapping[str, Any]
 
 
 def policies(scrape_interval_s: float) -> list[Policy]:
-    """The three policies. All scrape at the same interval, so the control plane's cost is the same and
-    only the use of the signals differs."""
+    """The three compared policies, then optional variants (``--policies``). All scrape at the same interval,
+    so the control plane's cost is the same and only the use of the signals differs."""
     return [
         Policy(
             "rr",
             "round robin",
-            {"lb_policy": "ROUND_ROBIN"},
+            {"load_balancing": "round_robin"},
             {"policy": "none", "interval_s": scrape_interval_s},
         ),
         Policy("lr", "least request", {}, {"policy": "none", "interval_s": scrape_interval_s}),
@@ -83,6 +88,30 @@ def policies(scrape_interval_s: float) -> list[Policy]:
             "least request + telemetry weights",
             {},
             {"policy": "telemetry", "interval_s": scrape_interval_s, "min_push_interval_s": 1},
+        ),
+        # Not run by default: Envoy's stock least request, two random choices drawn with replacement (the
+        # gateway's least request compares every replica, since model replicas are few).
+        Policy(
+            "lr-p2c",
+            "least request, two random choices",
+            {
+                "cluster_overrides": {
+                    "load_balancing_policy": {
+                        "policies": [
+                            {
+                                "typed_extension_config": {
+                                    "name": "envoy.load_balancing_policies.least_request",
+                                    "typed_config": {
+                                        "@type": LEAST_REQUEST_TYPE,
+                                        "choice_count": 2,
+                                    },
+                                }
+                            }
+                        ]
+                    }
+                }
+            },
+            {"policy": "none", "interval_s": scrape_interval_s},
         ),
     ]
 
@@ -129,7 +158,7 @@ def registry_doc(policy: Policy, ports: Sequence[int], engine: str) -> dict[str,
                 "endpoints": [
                     {"id": f"{MODEL}-{i}", "url": f"http://127.0.0.1:{port}"} for i, port in enumerate(ports)
                 ],
-                "cluster_overrides": dict(policy.cluster_overrides),
+                **dict(policy.model_fields),
             }
         ],
     }
@@ -434,7 +463,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--scrape-interval", type=float, default=0.5, help="telemetry interval of every stack")
     p.add_argument(
-        "--policies", default="rr,lr,lr+tw", help="comma-separated subset of rr, lr, lr+tw (in this order)"
+        "--policies",
+        default="rr,lr,lr+tw",
+        help="comma-separated policies among rr, lr, lr+tw and lr-p2c (run in that order)",
     )
     p.add_argument("--out", type=Path, help="also write the markdown report to this file")
     p.add_argument(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -159,6 +159,11 @@ class ModelConfig(_Frozen):
     aliases: tuple[str, ...] = ()
     engine: EngineKind
     enabled: bool = True
+    load_balancing: Literal["least_request", "round_robin"] = Field(
+        default="least_request",
+        description="least_request: the replica with the fewest requests in flight (all are compared; "
+        "EDS weights scale it); round_robin: in turn.",
+    )
     owned_by: str = "llm-gateway"
     served_model: str | None = Field(
         default=None,

@@ -129,3 +129,23 @@ def test_endpoint_serving_another_model_is_refused(make_stack: StackFactory) -> 
         assert "serves mistral-7b" in reason and "expected llama3" in reason
         assert endpoint(admin, "llama3-0")["health"] == "healthy"
         assert served(client, url, "llama3", 20) == Counter({"llama3-0": 20})
+
+
+def test_no_panic_routing_when_most_endpoints_are_down(make_stack: StackFactory) -> None:
+    from tests.support.gateway import envoy_stat
+
+    stack = make_stack(fast_registry(model("qwen2", "tgi", [free_port(), free_port(), free_port()])))
+    url, admin_url = stack.envoys[0].url, stack.envoys[0].admin_url
+    with httpx.Client(timeout=10) as client, admin_client(stack) as admin:
+        for endpoint_id in ("qwen2-0", "qwen2-1"):
+            stack.simulators[endpoint_id].kill()
+        eventually(
+            lambda: admin.get("/admin/models/qwen2").json()["healthy_endpoints"] == 1,
+            timeout_s=PROBE_BUDGET_S + 1,
+            what="two endpoints marked unhealthy",
+        )
+        # One healthy of three is under Envoy's default 50% panic threshold; with panic routing Envoy would
+        # spread requests over the dead hosts too. It is turned off, so every request goes to the live one.
+        assert served(client, url, "qwen2", 20) == Counter({"qwen2-2": 20})
+        assert envoy_stat(client, admin_url, "cluster.model_qwen2.lb_healthy_panic") == 0
+        assert envoy_stat(client, admin_url, "cluster.model_qwen2.upstream_cx_connect_fail") == 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import base_pb2, protocol_pb2
+from envoy.config.core.v3 import base_pb2, extension_pb2, protocol_pb2
+from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
+from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, json_format
@@ -51,6 +53,25 @@ def _outlier_detection(model: ModelState) -> outlier_detection_pb2.OutlierDetect
     )
 
 
+def _load_balancing(model: ModelState) -> cluster_pb2.LoadBalancingPolicy:
+    if model.config.load_balancing == "round_robin":
+        name, config = "envoy.load_balancing_policies.round_robin", round_robin_pb2.RoundRobin()
+    else:
+        # A full scan, not the default two random choices: model replicas are few, and with two of them
+        # two choices drawn with replacement pick the same host half of the time.
+        name = "envoy.load_balancing_policies.least_request"
+        config = least_request_pb2.LeastRequest(selection_method=least_request_pb2.LeastRequest.FULL_SCAN)
+    packed = any_pb2.Any()
+    packed.Pack(config)
+    return cluster_pb2.LoadBalancingPolicy(
+        policies=[
+            cluster_pb2.LoadBalancingPolicy.Policy(
+                typed_extension_config=extension_pb2.TypedExtensionConfig(name=name, typed_config=packed)
+            )
+        ]
+    )
+
+
 def _http_options() -> any_pb2.Any:
     options = http_protocol_options_pb2.HttpProtocolOptions(
         common_http_protocol_options=protocol_pb2.HttpProtocolOptions(idle_timeout=seconds(60)),
@@ -87,7 +108,7 @@ def build_cluster(model: ModelState) -> cluster_pb2.Cluster:
         type=cluster_pb2.Cluster.DiscoveryType.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source()),
         connect_timeout=seconds(model.config.limits.connect_timeout_s),
-        lb_policy=cluster_pb2.Cluster.LbPolicy.LEAST_REQUEST,
+        load_balancing_policy=_load_balancing(model),
         circuit_breakers=_circuit_breakers(model),
         outlier_detection=_outlier_detection(model),
         # No panic routing: with health coming from the control plane, sending traffic to hosts known to
