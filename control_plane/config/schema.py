@@ -108,7 +108,9 @@ class Telemetry(_Frozen):
     enabled: bool = True
     interval_s: PositiveSeconds = 2.0
     timeout_s: PositiveSeconds = 1.0
-    policy: str = Field(default="telemetry", description="Weight policy: none | queue | telemetry.")
+    # `none` by default: with one Envoy, its full-scan least request beats weights (docs/benchmarks.md);
+    # weights pay off when several gateways share model servers or for signals Envoy cannot see.
+    policy: str = Field(default="none", description="Weight policy: none | queue | telemetry.")
     max_weight: int = Field(default=100, ge=1, le=10_000)
     min_push_interval_s: OptionalSeconds = 2.0
     hysteresis: float = Field(default=0.2, ge=0, le=10)
@@ -204,6 +206,10 @@ class ModelConfig(_Frozen):
         # Parse now so that a typo fails the load with its path; Envoy still validates the values.
         from envoy.config.cluster.v3 import cluster_pb2
         from google.protobuf import json_format
+
+        from control_plane.xds.builders._common import register_extension_types
+
+        register_extension_types()
 
         try:
             json_format.ParseDict(value, cluster_pb2.Cluster())

@@ -26,3 +26,22 @@ def struct(values: dict[str, object]) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     out.update(values)
     return out
+
+
+def register_extension_types() -> None:
+    """Import the protobuf modules of the extensions a cluster may name in a typed config, so that
+    operators' `cluster_overrides` can be parsed from JSON (`@type` needs its descriptor loaded)."""
+    import importlib
+
+    for module in (
+        "envoy.extensions.load_balancing_policies.least_request.v3.least_request_pb2",
+        "envoy.extensions.load_balancing_policies.round_robin.v3.round_robin_pb2",
+        "envoy.extensions.load_balancing_policies.random.v3.random_pb2",
+        "envoy.extensions.load_balancing_policies.ring_hash.v3.ring_hash_pb2",
+        "envoy.extensions.load_balancing_policies.maglev.v3.maglev_pb2",
+        "envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3."
+        "client_side_weighted_round_robin_pb2",
+        "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
+        "envoy.extensions.transport_sockets.tls.v3.tls_pb2",
+    ):
+        importlib.import_module(module)
