@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= models.yaml
 
-.PHONY: install run test unit integration lint bench clean
+.PHONY: install run test unit integration lint bench loadtest loadtest-seeds clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,18 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -m integration
+
+GATEWAY_URL = http://127.0.0.1:$(or $(GATEWAY_PORT),8080)
+
+## Load tests with locust against a running `make run` (reports in loadtest/results/).
+loadtest: $(STAMP)
+	$(BIN)/locust -f loadtest/locustfile.py --headless -u 20 -r 5 -t 60s --stop-timeout 30 \
+	  --host $(GATEWAY_URL) --csv loadtest/results/run --html loadtest/results/run.html
+
+## The seeds' scenario: 50 users on two models, 128 new tokens, compared with the seeds' claims.
+loadtest-seeds: $(STAMP)
+	$(BIN)/locust -f loadtest/locustfile.py --headless -u 50 -r 10 -t 60s --stop-timeout 30 --scenario seeds \
+	  --host $(GATEWAY_URL) --csv loadtest/results/seeds --html loadtest/results/seeds.html
 
 ## Benchmarks (not tests): figures for docs/benchmarks.md, bounded in time.
 bench: $(STAMP)
