@@ -18,6 +18,8 @@ from pydantic import SecretStr
 from control_plane.admin.app import create_admin_app
 from control_plane.admin.auth import bearer_guard
 from control_plane.admin.load import register_load_routes
+from control_plane.admin.status_page import register_status_page
+from control_plane.admin.timeseries import PrometheusLatency, TimeSeriesSampler
 from control_plane.admin.views import Observers
 from control_plane.config.loader import load_registry
 from control_plane.metrics import ControlPlaneMetrics
@@ -43,6 +45,7 @@ class ServeSettings:
     admin_port: int = 8081
     reload_interval_s: float = 1.0
     load_report_interval_s: float = 1.0
+    prometheus_url: str | None = None  # a Prometheus scraping the Envoys: latency on the status page
 
 
 class _AdminServer(uvicorn.Server):
@@ -83,7 +86,14 @@ async def serve(settings: ServeSettings) -> None:
         prober=health.prober, loads=load_store, telemetry=telemetry.collector if telemetry else None
     )
     admin_app = create_admin_app(plane, metrics, watcher, settings.admin_token, observers)
-    register_load_routes(admin_app, load_store, dependencies=[Depends(bearer_guard(settings.admin_token))])
+    guard = Depends(bearer_guard(settings.admin_token))
+    register_load_routes(admin_app, load_store, dependencies=[guard])
+    sampler = TimeSeriesSampler(
+        plane,
+        load_store,
+        latency=PrometheusLatency(settings.prometheus_url) if settings.prometheus_url else None,
+    )
+    register_status_page(admin_app, sampler=sampler, alerts=admin_app.state.alerts, guard_dependency=guard)
     admin_socket = _bind(settings.admin_host, settings.admin_port)
     admin_port = admin_socket.getsockname()[1]
     admin = _AdminServer(uvicorn.Config(admin_app, log_level="warning", access_log=False, lifespan="off"))
@@ -99,6 +109,7 @@ async def serve(settings: ServeSettings) -> None:
     if telemetry is not None:
         telemetry.start()
     export_endpoint_gauges(plane, metrics)
+    sampler.start()
     admin_task = asyncio.create_task(admin.serve(sockets=[admin_socket]))
     watch_task = asyncio.create_task(watcher.run())
     while not admin.started and not admin_task.done():
@@ -116,6 +127,7 @@ async def serve(settings: ServeSettings) -> None:
     finally:
         log.info("control plane stopping")
         watch_task.cancel()
+        await sampler.stop()
         await health.prober.close()
         if telemetry is not None:
             await telemetry.stop()

@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         config_path=Path(args.config),
         admin_token=SecretStr(token),
         state_db=Path(args.state_db),
+        prometheus_url=args.prometheus_url,
         xds_host=args.xds_host,
         xds_port=args.xds_port,
         admin_host=args.admin_host,
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--xds-port", type=int, default=int(env("XDS_PORT", "18000")))
     serve.add_argument("--admin-host", default=env("ADMIN_HOST", "127.0.0.1"))
     serve.add_argument("--admin-port", type=int, default=int(env("ADMIN_PORT", "8081")))
+    serve.add_argument(
+        "--prometheus-url",
+        default=env("PROMETHEUS_URL") or None,
+        help="a Prometheus that scrapes the Envoys: P50/P99 latency on the status page (optional)",
+    )
     serve.add_argument(
         "--state-db", default=env("STATE_DB", "var/gateway.db"), help="SQLite file of admin changes"
     )
