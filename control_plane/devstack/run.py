@@ -40,6 +40,7 @@ def _banner(stack: LocalStack, settings: DevStackSettings) -> str:
     return f"""
 LLM gateway is up.
   OpenAI-style API   {envoy.url}/v1        (models: {models})
+  Status page        {stack.admin_url}/#token={token}
   Admin API          {stack.admin_url}      (metrics: {stack.admin_url}/metrics)
   Envoy admin        {envoy.admin_url}
   Logs               {settings.state_dir / "logs"}/
