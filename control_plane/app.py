@@ -22,8 +22,10 @@ from control_plane.admin.status_page import register_status_page
 from control_plane.admin.timeseries import PrometheusLatency, TimeSeriesSampler
 from control_plane.admin.views import Observers
 from control_plane.config.loader import load_registry
+from control_plane.config.schema import Registry
 from control_plane.metrics import ControlPlaneMetrics
-from control_plane.runtime import HealthWiring, TelemetryWiring, export_endpoint_gauges
+from control_plane.observability.file_sd import FileSdWriter
+from control_plane.runtime import EndpointGauges, HealthWiring, TelemetryWiring
 from control_plane.service import ControlPlane
 from control_plane.store.overlay import AdminStore
 from control_plane.watcher import ConfigWatcher
@@ -46,6 +48,7 @@ class ServeSettings:
     reload_interval_s: float = 1.0
     load_report_interval_s: float = 1.0
     prometheus_url: str | None = None  # a Prometheus scraping the Envoys: latency on the status page
+    file_sd_dir: Path | None = None  # where to write Prometheus file-SD targets of every model server
 
 
 class _AdminServer(uvicorn.Server):
@@ -71,10 +74,19 @@ async def serve(settings: ServeSettings) -> None:
     cache = SnapshotCache()
     store = AdminStore(settings.state_db)
     plane = ControlPlane(registry, cache=cache, metrics=metrics, store=store)
-    plane.add_state_listener(lambda: export_endpoint_gauges(plane, metrics))
+    metrics.registry.register(EndpointGauges(plane))
     watcher = ConfigWatcher(settings.config_path, plane.apply_registry, metrics, settings.reload_interval_s)
     health = HealthWiring(plane, metrics)
     plane.add_registry_listener(health.follow)
+    if settings.file_sd_dir is not None:
+        # Prometheus discovers model servers from these files, admin-added ones included.
+        file_sd = FileSdWriter(settings.file_sd_dir)
+        file_sd.write(plane.registry)
+
+        async def write_targets(registry: Registry) -> None:
+            file_sd.write(registry)
+
+        plane.add_registry_listener(write_targets)
     telemetry = TelemetryWiring.create(plane)
 
     grpc_server, xds_port = create_grpc_server(
@@ -108,7 +120,6 @@ async def serve(settings: ServeSettings) -> None:
     await health.follow(plane.registry)
     if telemetry is not None:
         telemetry.start()
-    export_endpoint_gauges(plane, metrics)
     sampler.start()
     admin_task = asyncio.create_task(admin.serve(sockets=[admin_socket]))
     watch_task = asyncio.create_task(watcher.run())

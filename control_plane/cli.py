@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin_token=SecretStr(token),
         state_db=Path(args.state_db),
         prometheus_url=args.prometheus_url,
+        file_sd_dir=Path(args.file_sd_dir) if args.file_sd_dir else None,
         xds_host=args.xds_host,
         xds_port=args.xds_port,
         admin_host=args.admin_host,
@@ -102,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--xds-port", type=int, default=int(env("XDS_PORT", "18000")))
     serve.add_argument("--admin-host", default=env("ADMIN_HOST", "127.0.0.1"))
     serve.add_argument("--admin-port", type=int, default=int(env("ADMIN_PORT", "8081")))
+    serve.add_argument(
+        "--file-sd-dir",
+        default=env("FILE_SD_DIR") or None,
+        help="write Prometheus file-SD target files of every model server into this directory",
+    )
     serve.add_argument(
         "--prometheus-url",
         default=env("PROMETHEUS_URL") or None,

@@ -18,15 +18,13 @@ class ControlPlaneMetrics:
     snapshot_inconsistent: Counter
     admin_actions: Counter
     probes: Counter
-    endpoint_healthy: Gauge
-    endpoint_weight: Gauge
     alert_notifications: Counter
     auto_actions: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ControlPlaneMetrics:
         registry = registry or CollectorRegistry()
-        return cls(
+        metrics = cls(
             registry=registry,
             xds_pushes=Counter(
                 "llm_gateway_xds_pushes", "xDS responses sent to Envoys.", ["type"], registry=registry
@@ -63,12 +61,6 @@ class ControlPlaneMetrics:
                 ["model", "result"],
                 registry=registry,
             ),
-            endpoint_healthy=Gauge(
-                "llm_gateway_endpoint_healthy",
-                "1 if the endpoint is routable (healthy or not yet probed), 0 if down or draining.",
-                ["model", "endpoint"],
-                registry=registry,
-            ),
             alert_notifications=Counter(
                 "llm_gateway_alert_notifications",
                 "Alertmanager notifications received, by alert and status.",
@@ -81,10 +73,9 @@ class ControlPlaneMetrics:
                 ["action"],
                 registry=registry,
             ),
-            endpoint_weight=Gauge(
-                "llm_gateway_endpoint_weight",
-                "The load-balancing weight pushed to Envoy for the endpoint.",
-                ["model", "endpoint"],
-                registry=registry,
-            ),
         )
+        # Start the counters Envoys may never move at 0, so `increase()` sees the first NACK.
+        for type_name in ("cds", "eds", "lds", "rds"):
+            metrics.xds_nacks.labels(type_name)
+            metrics.xds_pushes.labels(type_name)
+        return metrics

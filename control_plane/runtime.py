@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from control_plane.balancing.policy import WeightController, make_policy
 from control_plane.balancing.registry import endpoint_groups, static_weights
@@ -46,15 +50,63 @@ class HealthWiring:
         await self.prober.update_targets(probe_targets(registry))
 
 
-def export_endpoint_gauges(plane: ControlPlane, metrics: ControlPlaneMetrics) -> None:
-    """Refresh the per-endpoint health and weight gauges from the state pushed to Envoy."""
-    metrics.endpoint_healthy.clear()
-    metrics.endpoint_weight.clear()
-    for model in plane.state.models:
-        for endpoint in model.endpoints:
-            routable = endpoint.health in (Health.HEALTHY, Health.UNKNOWN) and model.enabled
-            metrics.endpoint_healthy.labels(model.id, endpoint.id).set(1 if routable else 0)
-            metrics.endpoint_weight.labels(model.id, endpoint.id).set(endpoint.weight)
+class EndpointGauges(Collector):
+    """Per-model and per-endpoint gauges, computed from the live state at every scrape.
+
+    Health (probes), drains by operators and drains by alerts are separate series, so alert rules can
+    tell a broken endpoint from one taken out on purpose, and an alert's own drain does not resolve it.
+    """
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self._plane = plane
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "endpoint"]
+        healthy = GaugeMetricFamily(
+            "llm_gateway_endpoint_healthy",
+            "1 if the endpoint passes its health probes (or is not probed yet), 0 if it fails them.",
+            labels=labels,
+        )
+        routable = GaugeMetricFamily(
+            "llm_gateway_endpoint_routable",
+            "1 if Envoy may send it new requests: healthy, not draining, its model enabled.",
+            labels=labels,
+        )
+        draining = GaugeMetricFamily(
+            "llm_gateway_endpoint_draining",
+            "1 if an operator drains the endpoint or its model (drains made by alerts are not counted).",
+            labels=labels,
+        )
+        auto_drained = GaugeMetricFamily(
+            "llm_gateway_endpoint_auto_drained",
+            "1 if an alert's automatic action drains the endpoint.",
+            labels=labels,
+        )
+        weight = GaugeMetricFamily(
+            "llm_gateway_endpoint_weight",
+            "The load-balancing weight pushed to Envoy for the endpoint.",
+            labels=labels,
+        )
+        enabled = GaugeMetricFamily(
+            "llm_gateway_model_enabled", "1 if the model is enabled, 0 if disabled.", labels=["model"]
+        )
+        plane = self._plane
+        by_alert = {row[0] for row in plane.store.rows("SELECT endpoint_id FROM auto_actions")}
+        probed = plane.inputs.health
+        up = (Health.HEALTHY, Health.UNKNOWN)
+        for model in plane.state.models:
+            enabled.add_metric([model.id], 1 if model.enabled else 0)
+            for endpoint in model.endpoints:
+                values = [model.id, endpoint.id]
+                in_drain = endpoint.health == Health.DRAINING
+                healthy.add_metric(values, 1 if probed.get(endpoint.id, Health.UNKNOWN) in up else 0)
+                routable.add_metric(
+                    values, 1 if endpoint.health in up and model.enabled and not model.draining else 0
+                )
+                draining.add_metric(values, 1 if in_drain and endpoint.id not in by_alert else 0)
+                auto_drained.add_metric(values, 1 if endpoint.id in by_alert else 0)
+                weight.add_metric(values, endpoint.weight)
+        yield from (healthy, routable, draining, auto_drained, weight, enabled)
 
 
 class TelemetryWiring:

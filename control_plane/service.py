@@ -55,7 +55,6 @@ class ControlPlane:
         self._nodes: dict[str, NodeParams] = {}
         self._streams: dict[str, int] = {}
         self._listeners: list[RegistryListener] = []
-        self._state_listeners: list[Callable[[], None]] = []
         self._drain_started: dict[str, float] = {}
         self._applied = self._store.apply(registry)
         flags = self._store.flags()
@@ -94,10 +93,6 @@ class ControlPlane:
     def add_registry_listener(self, listener: RegistryListener) -> None:
         """Called with the effective registry after every change (health probes, telemetry follow it)."""
         self._listeners.append(listener)
-
-    def add_state_listener(self, listener: Callable[[], None]) -> None:
-        """Called (synchronously) after every published state change, e.g. to refresh gauges."""
-        self._state_listeners.append(listener)
 
     def connected_nodes(self) -> dict[str, int]:
         return {node: count for node, count in self._streams.items() if count}
@@ -201,7 +196,5 @@ class ControlPlane:
                 raise InconsistentSnapshotError(problems)
             built[params] = snapshot
         self._state = state
-        for listener in self._state_listeners:
-            listener()
         changed = sum(self._cache.set_snapshot(node, built[params]) for node, params in self._nodes.items())
         log.debug("gateway state published: %d models, %d Envoys updated", len(state.models), changed)

@@ -156,7 +156,19 @@ class AlertReceiver:
                 "alert %s: NOT draining %s, it is its model's last routable endpoint", name, endpoint_id
             )
             return f"refused: {endpoint_id} is the last routable endpoint of its model"
-        await self._ops.set_endpoint_draining(endpoint_id, True)
+        # Recorded before the drain shows: from then on it must read as the alert's own drain (the
+        # EndpointDown rule ignores operators' drains, not this one, so the alert cannot resolve itself).
+        self._record_auto_drain(endpoint_id, name)
+        try:
+            await self._ops.set_endpoint_draining(endpoint_id, True)
+        except BaseException:
+            self._release(endpoint_id, name)
+            raise
+        self._metrics.auto_actions.labels("drain").inc()
+        log.warning("alert %s fired: drained %s automatically", name, endpoint_id)
+        return f"drained {endpoint_id}"
+
+    def _record_auto_drain(self, endpoint_id: str, name: str) -> None:
         self._store.write(
             [
                 (
@@ -168,25 +180,29 @@ class AlertReceiver:
             endpoint_id,
             name,
         )
-        self._metrics.auto_actions.labels("drain").inc()
-        log.warning("alert %s fired: drained %s automatically", name, endpoint_id)
-        return f"drained {endpoint_id}"
 
-    async def _undrain(self, name: str, endpoint_id: str) -> str:
-        owned = self._store.rows(
-            "SELECT 1 FROM auto_actions WHERE endpoint_id = ? AND alertname = ?", (endpoint_id, name)
-        )
-        if not owned:
-            return f"none: {endpoint_id} was not drained by {name}"
+    def _release(self, endpoint_id: str, name: str) -> None:
         self._store.write(
             [("DELETE FROM auto_actions WHERE endpoint_id = ? AND alertname = ?", (endpoint_id, name))],
             "auto.release",
             endpoint_id,
             name,
         )
-        if self._store.rows("SELECT 1 FROM auto_actions WHERE endpoint_id = ?", (endpoint_id,)):
+
+    async def _undrain(self, name: str, endpoint_id: str) -> str:
+        holders = {
+            a
+            for (a,) in self._store.rows(
+                "SELECT alertname FROM auto_actions WHERE endpoint_id = ?", (endpoint_id,)
+            )
+        }
+        if name not in holders:
+            return f"none: {endpoint_id} was not drained by {name}"
+        if holders - {name}:
+            self._release(endpoint_id, name)
             return f"none: {endpoint_id} stays drained for another alert"
         await self._ops.set_endpoint_draining(endpoint_id, False)
+        self._release(endpoint_id, name)
         self._metrics.auto_actions.labels("undrain").inc()
         log.warning("alert %s resolved: undrained %s automatically", name, endpoint_id)
         return f"undrained {endpoint_id}"

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from control_plane.devstack.observability import NotInstalled, ObservabilityStack, find_binaries
 from control_plane.devstack.stack import LocalStack, StackSettings
 from control_plane.errors import ConfigError
+from control_plane.observability.render import Timings
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class DevStackSettings:
     state_dir: Path = Path("var")
     envoy_concurrency: int = 2
     admin_token: str | None = None  # None: generate one for this run and print it
+    prometheus_port: int = 9090
+    alertmanager_port: int = 9093
 
 
 class _Stop(Exception):
@@ -33,7 +37,33 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-def _banner(stack: LocalStack, settings: DevStackSettings) -> str:
+def _start_observability(
+    stack: LocalStack, settings: DevStackSettings
+) -> tuple[ObservabilityStack | None, str]:
+    """Prometheus and Alertmanager when installed; otherwise a line that says how to get them."""
+    if isinstance(find_binaries(), NotInstalled):
+        return None, f"  Prometheus         not installed: {find_binaries()}"
+    obs = ObservabilityStack(
+        stack.settings.work_dir,
+        prometheus_port=settings.prometheus_port,
+        alertmanager_port=settings.alertmanager_port,
+        timings=Timings(scrape_interval_s=5, evaluation_interval_s=5),
+    )
+    try:
+        # The control plane writes the model servers' file-SD targets into obs.targets_dir itself.
+        obs.start(
+            [e.admin_url for e in stack.envoys],
+            stack.admin_url,
+            stack.settings.admin_token,
+            write_targets=False,
+        )
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        obs.stop()
+        return None, f"  Prometheus         not started: {exc}"
+    return obs, f"  Prometheus         {obs.prometheus_url}\n  Alertmanager       {obs.alertmanager_url}"
+
+
+def _banner(stack: LocalStack, settings: DevStackSettings, observability: str) -> str:
     envoy = stack.envoys[0]
     token = stack.settings.admin_token
     models = ", ".join(m.id for m in stack.registry().models)
@@ -43,6 +73,7 @@ LLM gateway is up.
   Status page        {stack.admin_url}/#token={token}
   Admin API          {stack.admin_url}      (metrics: {stack.admin_url}/metrics)
   Envoy admin        {envoy.admin_url}
+{observability}
   Logs               {settings.state_dir / "logs"}/
   Admin token        {token}{"" if settings.admin_token else " (generated: set ADMIN_TOKEN to choose one)"}
 
@@ -67,8 +98,12 @@ def run_devstack(settings: DevStackSettings) -> int:
             envoy_concurrency=settings.envoy_concurrency,
             admin_token=settings.admin_token or secrets.token_urlsafe(24),
             state_db=settings.state_dir.resolve() / "gateway.db",
+            prometheus_url=None
+            if isinstance(find_binaries(), NotInstalled)
+            else f"http://127.0.0.1:{settings.prometheus_port}",
         )
     )
+    obs: ObservabilityStack | None = None
     previous_int = signal.signal(signal.SIGINT, _raise_stop)
     previous_term = signal.signal(signal.SIGTERM, _raise_stop)
     try:
@@ -88,7 +123,9 @@ def run_devstack(settings: DevStackSettings) -> int:
         except (RuntimeError, TimeoutError, OSError) as exc:
             print(f"error: the stack did not start: {exc}")
             return 1
-        print(_banner(stack, settings), flush=True)
+        print("starting Prometheus and Alertmanager ...", flush=True)
+        obs, observability = _start_observability(stack, settings)
+        print(_banner(stack, settings, observability), flush=True)
         reported: set[str] = set()
         while True:
             time.sleep(1)
@@ -96,6 +133,7 @@ def run_devstack(settings: DevStackSettings) -> int:
                 *stack.simulators.values(),
                 stack.control_plane,
                 *(e.process for e in stack.envoys),
+                *(obs.processes if obs else []),
             ]:
                 if process is not None and not process.alive() and process.name not in reported:
                     reported.add(process.name)
@@ -109,6 +147,8 @@ def run_devstack(settings: DevStackSettings) -> int:
         return 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if obs is not None:
+            obs.stop()
         stack.stop()
         signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous_term)

@@ -55,6 +55,8 @@ class StackSettings:
     envoy_log_level: str = "warning"
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     state_db: Path | None = None  # default: <work_dir>/state.db, kept across control-plane restarts
+    file_sd_dir: Path | None = None  # default: <work_dir>/prometheus/targets (where Prometheus looks)
+    prometheus_url: str | None = None  # gives the status page its latency charts
 
 
 class LocalStack:
@@ -138,8 +140,12 @@ class LocalStack:
             str(self.admin_port),
             "--state-db",
             str(self.settings.state_db or self.settings.work_dir / "state.db"),
+            "--file-sd-dir",
+            str(self.settings.file_sd_dir or self.settings.work_dir / "prometheus" / "targets"),
         ]
         log = self._log(f"control-plane-{self._cp_starts}")
+        if self.settings.prometheus_url:
+            argv += ["--prometheus-url", self.settings.prometheus_url]
         env = {**os.environ, "ADMIN_TOKEN": self.settings.admin_token}
         process = ManagedProcess("control-plane", argv, log, env=env, cwd=REPO_ROOT).start()
         match = process.wait_for_line(r"^READY xds=[\d.]+:(\d+) admin=[\d.]+:(\d+)", timeout_s=30)

@@ -13,7 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
+from control_plane.config import parse_registry
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.runtime import EndpointGauges
+from control_plane.service import ControlPlane
+from control_plane.xds.cache import SnapshotCache
 
 pytestmark = pytest.mark.unit
 
@@ -207,6 +211,8 @@ def test_metric_names_are_real() -> None:
     control_plane = {
         sample.name for family in ControlPlaneMetrics.create().registry.collect() for sample in family.samples
     } | {family.name for family in ControlPlaneMetrics.create().registry.collect()}
+    plane = ControlPlane(parse_registry({}), cache=SnapshotCache(), metrics=ControlPlaneMetrics.create())
+    control_plane |= {family.name for family in EndpointGauges(plane).collect()}  # computed at scrape time
     control_plane |= {f"{name}_total" for name in control_plane}
     simulator = set(
         re.findall(r'"([A-Za-z_:][A-Za-z0-9_:]*)"', (REPO / "backends/simulator/metrics.py").read_text())

@@ -78,8 +78,8 @@ def test_firing_drains_and_resolving_undrains() -> None:
     assert metrics.registry.get_sample_value("llm_gateway_auto_actions_total", {"action": "drain"}) == 1
     assert [e["action"] for e in plane.store.audit()][:3] == [
         "alert.resolved",
-        "endpoint.draining",
         "auto.release",
+        "endpoint.draining",
     ]
 
 
@@ -123,3 +123,34 @@ def test_unknown_endpoint_and_alert_without_endpoint() -> None:
         {"status": "firing", "alerts": [{"status": "firing", "labels": {"alertname": "EndpointDown"}}]}
     )
     assert run(receiver.handle(plain))[0]["action"] is None
+
+
+def test_gauges_tell_probe_health_operator_drains_and_alert_drains_apart() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from control_plane.runtime import EndpointGauges
+
+    plane, receiver, _ = setup()
+    registry = CollectorRegistry()
+    registry.register(EndpointGauges(plane))
+
+    def value(name: str, endpoint: str) -> float | None:
+        return registry.get_sample_value(name, {"model": "m", "endpoint": endpoint})
+
+    plane.set_health("a", Health.UNHEALTHY)
+    plane.set_health("b", Health.HEALTHY)
+    run(receiver.handle(note("firing")))  # drains a, automatically
+    run(AdminOperations(plane, ControlPlaneMetrics.create()).set_endpoint_draining("b", True))  # an operator
+    assert (value("llm_gateway_endpoint_healthy", "a"), value("llm_gateway_endpoint_healthy", "b")) == (0, 1)
+    assert (value("llm_gateway_endpoint_draining", "a"), value("llm_gateway_endpoint_draining", "b")) == (
+        0,
+        1,
+    )
+    assert (
+        value("llm_gateway_endpoint_auto_drained", "a"),
+        value("llm_gateway_endpoint_auto_drained", "b"),
+    ) == (1, 0)
+    assert (
+        value("llm_gateway_endpoint_routable", "a") == 0 and value("llm_gateway_endpoint_routable", "b") == 0
+    )
+    assert registry.get_sample_value("llm_gateway_model_enabled", {"model": "m"}) == 1
