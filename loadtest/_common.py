@@ -13,10 +13,13 @@ import math
 import os
 import platform
 import re
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +29,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from control_plane.devstack.procs import ManagedProcess
+from control_plane.devstack.procs import ManagedProcess, http_ok
 from control_plane.devstack.stack import LocalStack, StackSettings
 from control_plane.envoy_bootstrap import REPO_ROOT, envoy_binary
 
@@ -157,11 +160,13 @@ def local_stack(
     sim_profile: str = "default",
     sim_extra_args: Mapping[str, list[str]] | None = None,
     keep_dir: Path | None = None,
+    simulators: bool = True,
 ) -> Iterator[LocalStack]:
     """Start simulators, control plane and one Envoy for a registry document; stop them all on exit.
 
     The stack lives in a fresh temporary directory (or ``keep_dir``, kept afterwards); on an error the
-    tails of its logs are printed to stderr.
+    tails of its logs are printed to stderr. ``simulators=False`` starts no simulator: the registry's
+    endpoints are servers the caller runs (e.g. ``loadtest.bench_upstream``).
     """
     with contextlib.ExitStack() as cleanup:
         if keep_dir is None:
@@ -181,7 +186,11 @@ def local_stack(
             )
         )
         try:
-            stack.start()
+            if simulators:
+                stack.start()
+            else:
+                stack.start_control_plane()
+                stack.start_envoy()
             yield stack
         except BaseException:
             for log in sorted((work / "logs").glob("*.log")):
@@ -303,3 +312,303 @@ async def wait_routable(
             last = repr(exc)
         await asyncio.sleep(0.2)
     raise TimeoutError(f"model {model!r} not routable through {base_url} within {timeout_s:.0f}s: {last}")
+
+
+# ------------------------------------------------------------------ results
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def utc_stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def write_results(name: str, payload: Mapping[str, Any], path: Path | None = None) -> Path:
+    """Write ``payload`` as JSON to ``path`` (default ``loadtest/results/<name>-<UTC time>.json``)."""
+    path = path or RESULTS_DIR / f"{name}-{utc_stamp()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite(dict(payload)), indent=2, default=str) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------ plain processes
+def start_upstream(work: Path, name: str = "upstream", model: str = "bench") -> tuple[ManagedProcess, int]:
+    """Start ``loadtest.bench_upstream`` (the fast fake model server) on a free port; return it, its port."""
+    process = ManagedProcess(
+        name,
+        [sys.executable, "-m", "loadtest.bench_upstream", "--port", "0", "--model", model],
+        work / "logs" / f"{name}.log",
+        cwd=REPO_ROOT,
+    ).start()
+    match = process.wait_for_line(r"^READY http://[\d.]+:(\d+)", timeout_s=30)
+    return process, int(match.group(1))
+
+
+@dataclass
+class StaticEnvoy:
+    process: ManagedProcess
+    listen_port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+
+def start_static_envoy(
+    work: Path,
+    name: str,
+    bootstrap: Mapping[str, Any],
+    listen_port: int,
+    admin_port: int,
+    concurrency: int = 1,
+    timeout_s: float = 60.0,
+) -> StaticEnvoy:
+    """Start an Envoy on a static bootstrap (a dict, written as JSON) and wait until it is ready.
+
+    The caller stops it (``.process.stop()``)."""
+    config = work / f"{name}.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps(bootstrap, indent=1))
+    argv = [
+        envoy_binary(),
+        "-c",
+        str(config),
+        "--concurrency",
+        str(concurrency),
+        "--log-level",
+        "warning",
+        "--disable-hot-restart",
+        "--drain-time-s",
+        "1",
+    ]
+    process = ManagedProcess(name, argv, work / "logs" / f"{name}.log").start()
+    envoy = StaticEnvoy(process, listen_port, admin_port)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(f"Envoy {name} exited:\n{process.log_text()[-3000:]}")
+        if http_ok(f"{envoy.admin_url}/ready"):
+            return envoy
+        time.sleep(0.05)
+    process.stop()
+    raise TimeoutError(f"Envoy {name} not ready within {timeout_s:.0f}s:\n{process.log_text()[-3000:]}")
+
+
+def envoy_counters(admin_url: str, prefix: str = "") -> dict[str, int]:
+    """Envoy's counters and gauges (``/stats``, optionally filtered by a regex) as a dict; {} on error."""
+    url = f"{admin_url}/stats?format=json" + (f"&filter={prefix}" if prefix else "")
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            doc = json.loads(response.read())
+    except (OSError, ValueError):
+        return {}
+    return {
+        s["name"]: int(s["value"])
+        for s in doc.get("stats", [])
+        if isinstance(s.get("value"), int | float)  # text readouts are skipped
+    }
+
+
+# ------------------------------------------------------------------ HTTP load (wrk, else Python)
+@dataclass(frozen=True)
+class LoadResult:
+    """One closed-loop load run: ``connections`` clients each sending the next request on its answer."""
+
+    client: str
+    """``wrk`` or ``python`` (the fallback, which bounds the figures itself)."""
+    connections: int
+    duration_s: float
+    requests: int
+    errors: int
+    """Connection errors, timeouts and non-2xx answers."""
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    client_cpu_s: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s > 0 else math.nan
+
+
+_WRK_LUA = """
+wrk.method = "POST"
+wrk.body = [==[BODY]==]
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\\"requests\\":%d,\\"duration_us\\":%d,\\"connect\\":%d,\\"read\\":%d,\\"write\\":%d,"
+    .. "\\"status\\":%d,\\"timeout\\":%d,\\"p50\\":%d,\\"p90\\":%d,\\"p99\\":%d,\\"max\\":%d}\\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def wrk_binary() -> str | None:
+    return shutil.which("wrk")
+
+
+def run_wrk(url: str, body: str, connections: int, duration_s: float, timeout_s: float = 5.0) -> LoadResult:
+    """``wrk -t1`` (one client thread, to leave the cores to what is measured) POSTing ``body`` to ``url``."""
+    binary = wrk_binary()
+    if binary is None:
+        raise FileNotFoundError("wrk is not installed")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_WRK_LUA.replace("BODY", body))
+    try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(
+            [
+                binary,
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(duration_s))}s",
+                f"--timeout={timeout_s:g}s",
+                "-s",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=duration_s + 60,
+            check=False,
+        )
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finally:
+        os.unlink(script.name)
+    match = re.search(r"^WRKJSON (\{.*\})$", out.stdout, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk gave no result (rc {out.returncode}):\n{out.stdout}\n{out.stderr}")
+    doc = json.loads(match.group(1))
+    errors = sum(int(doc[k]) for k in ("connect", "read", "write", "status", "timeout"))
+    return LoadResult(
+        client="wrk",
+        connections=connections,
+        duration_s=doc["duration_us"] / 1e6,
+        requests=int(doc["requests"]),
+        errors=errors,
+        p50_ms=doc["p50"] / 1000,
+        p90_ms=doc["p90"] / 1000,
+        p99_ms=doc["p99"] / 1000,
+        max_ms=doc["max"] / 1000,
+        client_cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+    )
+
+
+async def _python_load(url: str, body: str, connections: int, duration_s: float) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    payload = body.encode()
+    headers = {"content-type": "application/json"}
+    cpu0 = own_cpu_seconds()
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=5)) as session:
+        started = time.monotonic()
+        stop_at = started + duration_s
+
+        async def client() -> None:
+            nonlocal errors
+            while time.monotonic() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(url, data=payload, headers=headers) as response:
+                        await response.read()
+                        ok = response.status < 300
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(client() for _ in range(connections)))
+        wall = time.monotonic() - started
+    return LoadResult(
+        client="python",
+        connections=connections,
+        duration_s=wall,
+        requests=len(latencies) + errors,
+        errors=errors,
+        p50_ms=percentile(latencies, 50) * 1000,
+        p90_ms=percentile(latencies, 90) * 1000,
+        p99_ms=percentile(latencies, 99) * 1000,
+        max_ms=max(latencies, default=math.nan) * 1000,
+        client_cpu_s=own_cpu_seconds() - cpu0,
+    )
+
+
+def run_load(url: str, body: str, connections: int, duration_s: float) -> LoadResult:
+    """Closed-loop POST load: ``wrk`` when installed, else an asyncio client (much slower: it bounds the
+    figures, so results say which client ran)."""
+    if wrk_binary() is not None:
+        return run_wrk(url, body, connections, duration_s)
+    return asyncio.run(_python_load(url, body, connections, duration_s))
+
+
+class ProcessCpu:
+    """CPU seconds used by a set of processes (by PID) between ``start()`` and ``stop()``, in cores."""
+
+    def __init__(self, pids: Mapping[str, int | None]) -> None:
+        self.pids = dict(pids)
+        self._start: dict[str, float] = {}
+        self._wall = 0.0
+        self.seconds: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: process_cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._wall = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        """Cores used by each process over the interval; the CPU seconds stay in ``self.seconds``."""
+        wall = time.monotonic() - self._wall
+        self.seconds = {
+            name: process_cpu_seconds(pid) - self._start.get(name, math.nan)
+            for name, pid in self.pids.items()
+        }
+        return {name: seconds / wall for name, seconds in self.seconds.items()}
+
+
+# ------------------------------------------------------------------ the suite's sections
+@dataclass
+class SectionResult:
+    """What one section of ``python -m loadtest.bench`` hands back: its markdown and its raw figures."""
+
+    key: str
+    title: str
+    markdown: str
+    data: dict[str, Any]
+    wall_s: float = 0.0
+
+
+def fmt_ms(value: float, digits: int = 2) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}f} ms"
+
+
+def fmt_x(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.2f}x"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+    """A markdown table; ``align`` is one letter per column (``l`` or ``r``; default: first l, rest r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
