@@ -16,7 +16,6 @@ tested on its own; `TimeSeriesSampler.run()` is the loop, started and stopped by
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -28,6 +27,7 @@ from typing import Any, NamedTuple, Protocol
 
 import aiohttp
 
+from control_plane.background import BackgroundTask
 from control_plane.state import GatewayState
 from control_plane.xds.resources import cluster_name
 
@@ -331,7 +331,7 @@ class TimeSeriesSampler:
         self._wall_clock = wall_clock
         self._samples: deque[Sample] = deque(maxlen=math.ceil(window_s / interval_s))
         self._previous: tuple[float, dict[str, dict[str, Counts]]] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask("status-timeseries", self.run)
 
     @property
     def samples(self) -> list[Sample]:
@@ -384,17 +384,10 @@ class TimeSeriesSampler:
             await asyncio.sleep(delay)
 
     def start(self) -> asyncio.Task[None]:
-        """Run the loop as a task of the running event loop (idempotent)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self.run(), name="status-timeseries")
-        return self._task
+        return self._background.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop()
         if self.latency_source is not None:
             await self.latency_source.close()
 

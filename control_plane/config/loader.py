@@ -22,7 +22,8 @@ def _format_location(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _problems(error: ValidationError) -> list[str]:
+def validation_problems(error: ValidationError) -> list[str]:
+    """One `path: message` line per problem of a pydantic error (`models[2].endpoints[0].url: …`)."""
     problems = []
     for item in error.errors():
         where = _format_location(tuple(item["loc"]))
@@ -43,7 +44,7 @@ def parse_registry(data: Any, source: str = "<registry>") -> Registry:
     try:
         return Registry.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _problems(exc)) from None
+        raise ConfigError(source, validation_problems(exc)) from None
 
 
 def load_registry(path: Path) -> Registry:

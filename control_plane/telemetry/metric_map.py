@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from control_plane.config.loader import validation_problems
 from control_plane.telemetry.errors import MetricMapError
 
 PACKAGED_MAP = "metric_map.yaml"
@@ -188,16 +189,6 @@ class MetricMap(_Frozen):
         return MetricMap(engines=engines, gpu=gpu)
 
 
-def _format_location(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
 def parse_metric_map(data: Any, source: str = "<metric map>") -> MetricMap:
     """Validate already-loaded YAML data; ``MetricMapError`` names each problem's path."""
     if not isinstance(data, dict):
@@ -205,12 +196,7 @@ def parse_metric_map(data: Any, source: str = "<metric map>") -> MetricMap:
     try:
         return MetricMap.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for item in exc.errors():
-            where = _format_location(tuple(item["loc"]))
-            message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{where}: {message}" if where else message)
-        raise MetricMapError(source, problems) from None
+        raise MetricMapError(source, validation_problems(exc)) from None
 
 
 def _parse_text(text: str, source: str) -> MetricMap:

@@ -8,7 +8,6 @@ use (and then closed by ``close()``), the clock and the random source are inject
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import random
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+from control_plane.background import BackgroundTask
 from control_plane.telemetry.errors import ScrapeError, TelemetryError
 from control_plane.telemetry.metric_map import MetricMap, default_metric_map
 from control_plane.telemetry.parse import gpu_signals_from_text, signals_from_text
@@ -257,7 +257,7 @@ class TelemetryCollector:
         self._rng = rng or random.Random()
         self._latest: dict[str, EndpointSignals] = {}
         self._errors: dict[str, ScrapeFailure] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask("telemetry-collector", self.run)
         self.rounds = 0
         """Rounds completed."""
 
@@ -386,14 +386,7 @@ class TelemetryCollector:
             await asyncio.sleep(max(0.0, self.next_delay() - (loop.time() - started)))
 
     def start(self) -> asyncio.Task[None]:
-        """Run the loop as a task of the running event loop (idempotent)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self.run(), name="telemetry-collector")
-        return self._task
+        return self._background.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop()
