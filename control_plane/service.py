@@ -10,12 +10,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from google.protobuf import json_format
 
 from control_plane.config.schema import Registry
 from control_plane.errors import InconsistentSnapshotError
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.state import (
+    EndpointState,
     GatewayState,
     Health,
     NodeParams,
@@ -26,7 +28,9 @@ from control_plane.state import (
 )
 from control_plane.store.overlay import AdminStore, Applied
 from control_plane.xds.builders import build_snapshot
+from control_plane.xds.builders.endpoint import build_load_assignment
 from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.resources import ENDPOINT
 from control_plane.xds.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,7 @@ class ControlPlane:
         self._streams: dict[str, int] = {}
         self._listeners: list[RegistryListener] = []
         self._drain_started: dict[str, float] = {}
+        self._assignments: dict[str, tuple[tuple[EndpointState, ...], ClusterLoadAssignment]] = {}
         self._applied = self._store.apply(registry)
         flags = self._store.flags()
         self._inputs.draining_endpoints, self._inputs.draining_models = (
@@ -180,10 +185,31 @@ class ControlPlane:
         self._republish()
 
     def _republish(self) -> None:
+        """Health and weights changed: only endpoint assignments differ, so only EDS is rebuilt."""
         # Addresses were resolved when the registry was applied; reuse them instead of resolving again.
         addresses = {e.id: e.address for m in self._state.models for e in m.endpoints}
         state = build_state(self.registry, self._resolver, self._inputs, addresses)
-        self._publish(state)
+        started = time.perf_counter()
+        assignments = {}
+        for model in state.models:
+            # A model whose endpoints did not change keeps its assignment message as it is.
+            cached = self._assignments.get(model.id)
+            if cached is None or cached[0] != model.endpoints:
+                cached = (model.endpoints, build_load_assignment(model))
+                self._assignments[model.id] = cached
+            assignments[cached[1].cluster_name] = cached[1]
+        snapshots: dict[str, Snapshot] = {}
+        for node, params in self._nodes.items():
+            current = self._cache.get_snapshot(node)
+            snapshots[node] = (
+                current.replacing(ENDPOINT, assignments)
+                if current is not None
+                else self._build(state, params)
+            )
+        self._metrics.snapshot_build_seconds.observe(time.perf_counter() - started)
+        self._state = state
+        for node, snapshot in snapshots.items():
+            self._cache.set_snapshot(node, snapshot)
 
     def _publish(self, state: GatewayState) -> None:
         # Build every node's snapshot first, so that a failure leaves all Envoys on the old config.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # Model ids travel in JSON bodies, headers and Envoy metadata; keep them printable and bounded.
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
 _ENDPOINT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_UNFIT_IN_ID = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class EngineKind(StrEnum):
@@ -72,13 +74,14 @@ class EndpointConfig(_Frozen):
             raise ValueError("must be a bare base URL without a path, query or fragment")
         return value
 
-    @property
+    # Cached: the state is rebuilt from these on every health change, for every endpoint.
+    @cached_property
     def host(self) -> str:
         host = urlsplit(self.url).hostname
         assert host is not None  # guaranteed by the validator
         return host
 
-    @property
+    @cached_property
     def port(self) -> int:
         port = urlsplit(self.url).port
         assert port is not None  # guaranteed by the validator
@@ -218,8 +221,12 @@ class ModelConfig(_Frozen):
         return value
 
     def endpoint_id(self, index: int) -> str:
+        """The endpoint's id, or `<model id>-<index>` with characters unfit for an id (such as the `/` of
+        `org/model`) replaced by `-`, since ids appear in admin URL paths."""
         endpoint = self.endpoints[index]
-        return endpoint.id if endpoint.id is not None else f"{self.id}-{index}"
+        if endpoint.id is not None:
+            return endpoint.id
+        return _UNFIT_IN_ID.sub("-", f"{self.id}-{index}")[-100:].lstrip("-._") or f"endpoint-{index}"
 
     def serves(self, reported: str) -> bool:
         """Whether a model name reported by an engine is this model."""

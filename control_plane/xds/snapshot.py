@@ -43,6 +43,14 @@ class Snapshot:
             versions=MappingProxyType({t: content_version(r) for t, r in frozen.items()}),
         )
 
+    def replacing(self, type_url: str, resources: Resources) -> Snapshot:
+        """This snapshot with one type's resources replaced; the other types keep their versions."""
+        frozen = dict(self.resources)
+        frozen[type_url] = MappingProxyType(dict(resources))
+        versions = dict(self.versions)
+        versions[type_url] = content_version(frozen[type_url])
+        return Snapshot(resources=MappingProxyType(frozen), versions=MappingProxyType(versions))
+
     @property
     def version(self) -> str:
         return "-".join(self.versions[t] for t in PUSH_ORDER)

@@ -14,9 +14,8 @@ def model(
     doc: dict[str, Any] = {
         "id": model_id,
         "engine": engine,
-        "endpoints": [
-            {"id": f"{model_id}-{i}", "url": f"http://127.0.0.1:{port}"} for i, port in enumerate(ports)
-        ],
+        # No explicit ids: the registry's default, `<model id>-<index>`, is what tests refer to.
+        "endpoints": [{"url": f"http://127.0.0.1:{port}"} for port in ports],
     }
     if aliases:
         doc["aliases"] = aliases

@@ -103,6 +103,9 @@ def build_connection_manager(settings: GatewaySettings) -> hcm.HttpConnectionMan
         local_reply_config=build_local_reply_config(settings),
         # Streams are cut by idle timeouts, never by a whole-request timeout at this level.
         stream_idle_timeout=seconds(settings.stream_idle_timeout_s),
+        # When a model server dies mid-stream, the client learns it 0.1 s later instead of Envoy's 1 s
+        # default grace for flushing its own replies.
+        delayed_close_timeout=seconds(0.1),
         request_timeout=seconds(0),
         request_headers_timeout=seconds(10),
         common_http_protocol_options=protocol_pb2.HttpProtocolOptions(idle_timeout=seconds(3600)),

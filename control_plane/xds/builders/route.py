@@ -1,11 +1,13 @@
 """Gateway state → the RouteConfiguration that maps each model name to its cluster.
 
 Route order is the contract (first match wins):
-1. `GET /v1/models`, `GET /v1/models/{name}`, `GET /health`: answered by Envoy itself.
+1. `GET /v1/models`, `/v1/models/{name}`, `GET /health`: answered by Envoy itself.
 2. a path outside the inference API allow-list: 404 (engines' admin paths are never exposed).
-3. a body that is not JSON: 400.
+3. a body that is not JSON: 400; no model at all: 400.
 4. one route per model name (id and aliases) matching the `model` metadata; a disabled model answers 503.
-5. any other string `model`: 404; a `model` of another type: 400; no model at all: 400.
+5. any other string `model`: 404; a `model` of another type: 400.
+Envoy walks this list in order, twice per request (before and after the body sets the model), so what
+can be decided without the model list comes first.
 
 The `model` metadata comes from the JSON body (json_to_metadata), else from the model header
 (header_to_metadata); the body wins when both are given, see `listener.py`.
@@ -166,8 +168,11 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
     for model in state.models:
         if model.enabled:
             body = json.dumps(_model_object(model), separators=(",", ":"))
+            # Matched on the path alone: Envoy tests a route's header matchers before its path, so a
+            # method check here would cost every request one check per model name.
             routes.extend(
-                _direct(f"model-info:{n}", _get(f"/v1/models/{n}"), 200, body) for n in model.config.names
+                _direct(f"model-info:{n}", rc.RouteMatch(path=f"/v1/models/{n}"), 200, body)
+                for n in model.config.names
             )
     routes.append(_direct("health", _get("/health"), 200, '{"status":"ok"}'))
 
@@ -206,6 +211,26 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
             "application/json.",
         )
     )
+    # Before the model routes, so a request without a model does not walk through all of them.
+    routes.append(
+        _direct(
+            "missing-model",
+            rc.RouteMatch(
+                prefix="/",
+                dynamic_metadata=[
+                    metadata_pb2.MetadataMatcher(
+                        filter=METADATA_NAMESPACE,
+                        path=[metadata_pb2.MetadataMatcher.PathSegment(key=MODEL_KEY)],
+                        value=value_pb2.ValueMatcher(present_match=True),
+                        invert=True,
+                    )
+                ],
+            ),
+            400,
+            f"You must provide a model parameter: `model` in the JSON body as a non-empty string (or the "
+            f"`{state.settings.model_header}` header).",
+        )
+    )
     for model in state.models:
         routes.extend(_model_routes(model))
     any_string = value_pb2.ValueMatcher(
@@ -231,19 +256,19 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
             "`model` must be a non-empty string.",
         )
     )
-    routes.append(
-        _direct(
-            "missing-model",
-            rc.RouteMatch(prefix="/"),
-            400,
-            f"You must provide a model parameter: `model` in the JSON body as a non-empty string (or the "
-            f"`{state.settings.model_header}` header).",
-        )
-    )
     vhost = rc.VirtualHost(
         name="gateway",
         domains=["*"],
         routes=routes,
         response_headers_to_add=_response_headers(state),
     )
-    return route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=[vhost])
+    largest_body = max(
+        len(r.direct_response.body.inline_string.encode()) for r in routes if r.HasField("direct_response")
+    )
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=[vhost],
+        # Envoy refuses direct-response bodies over 4 KiB unless told otherwise; /v1/models outgrows that
+        # at a few dozen models, and the whole route table would be rejected.
+        max_direct_response_body_size_bytes=uint32(max(largest_body, 4096)),
+    )

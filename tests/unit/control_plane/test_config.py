@@ -128,3 +128,14 @@ def test_error_message_lists_the_source_and_paths(tmp_path: Path) -> None:
         load_registry(path)
     assert str(path) in str(info.value)
     assert "models[0].endpoints[0].url" in str(info.value)
+
+
+def test_default_endpoint_ids_are_fit_for_urls() -> None:
+    registry = parse_registry(
+        {
+            "models": [
+                {"id": "meta-llama/Llama-3.1-8B", "engine": "vllm", "endpoints": [{"url": "http://h:1"}]}
+            ]
+        }
+    )
+    assert registry.models[0].endpoint_id(0) == "meta-llama-Llama-3.1-8B-0"
