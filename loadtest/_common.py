@@ -30,7 +30,7 @@ import aiohttp
 import yaml
 
 from control_plane.devstack.procs import ManagedProcess, http_ok
-from control_plane.devstack.stack import LocalStack, StackSettings
+from control_plane.devstack.stack import EnvoyHandle, LocalStack, StackSettings
 from control_plane.envoy_bootstrap import REPO_ROOT, envoy_binary
 
 RESULTS_DIR = REPO_ROOT / "loadtest" / "results"
@@ -351,21 +351,6 @@ def start_upstream(work: Path, name: str = "upstream", model: str = "bench") -> 
     return process, int(match.group(1))
 
 
-@dataclass
-class StaticEnvoy:
-    process: ManagedProcess
-    listen_port: int
-    admin_port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.listen_port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-
 def start_static_envoy(
     work: Path,
     name: str,
@@ -374,7 +359,7 @@ def start_static_envoy(
     admin_port: int,
     concurrency: int = 1,
     timeout_s: float = 60.0,
-) -> StaticEnvoy:
+) -> EnvoyHandle:
     """Start an Envoy on a static bootstrap (a dict, written as JSON) and wait until it is ready.
 
     The caller stops it (``.process.stop()``)."""
@@ -394,7 +379,7 @@ def start_static_envoy(
         "1",
     ]
     process = ManagedProcess(name, argv, work / "logs" / f"{name}.log").start()
-    envoy = StaticEnvoy(process, listen_port, admin_port)
+    envoy = EnvoyHandle(process=process, node_id=name, listen_port=listen_port, admin_port=admin_port)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not process.alive():

@@ -10,6 +10,22 @@ import yaml
 
 from control_plane.observability.render import RULES_FILE
 
+# The alerts the gateway promises operators (the observability issue's list).
+REQUIRED_ALERTS = frozenset(
+    {
+        "ModelUnavailable",
+        "EndpointDown",
+        "HighErrorRate",
+        "HighP99Latency",
+        "HighTimeToFirstToken",
+        "QueueBacklog",
+        "GPUMemoryHigh",
+        "XdsConfigRejected",
+        "ControlPlaneDown",
+        "EnvoyDown",
+    }
+)
+
 
 def alerts(rules_file: Path = RULES_FILE) -> list[dict[str, Any]]:
     doc = yaml.safe_load(rules_file.read_text())

@@ -65,11 +65,8 @@ def _check_names(names: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-class GaugeSpec(_Frozen):
-    """A signal read from gauge samples."""
-
+class _SeriesSpec(_Frozen):
     metrics: tuple[str, ...] = Field(min_length=1, description="Metric names tried in order.")
-    aggregate: Aggregate = "sum"
     scale: float = Field(default=1.0, description="Factor from the metric's unit to the signal's.")
 
     @field_validator("metrics")
@@ -85,23 +82,15 @@ class GaugeSpec(_Frozen):
         return value
 
 
-class HistogramSpec(_Frozen):
-    """A latency signal read from a histogram's ``<name>_sum`` and ``<name>_count`` samples."""
+class GaugeSpec(_SeriesSpec):
+    """A signal read from gauge samples."""
 
-    metrics: tuple[str, ...] = Field(min_length=1, description="Histogram names tried in order.")
-    scale: float = Field(default=1.0, description="Factor from the histogram's unit to seconds.")
+    aggregate: Aggregate = "sum"
 
-    @field_validator("metrics")
-    @classmethod
-    def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return _check_names(value)
 
-    @field_validator("scale")
-    @classmethod
-    def _scale(cls, value: float) -> float:
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError("must be a finite number > 0")
-        return value
+class HistogramSpec(_SeriesSpec):
+    """A latency signal read from a histogram's ``<name>_sum`` and ``<name>_count`` samples (scale: to
+    seconds)."""
 
 
 def _expand_shorthand(data: Any, fields: tuple[str, ...], histogram: tuple[str, ...] = ()) -> Any:

@@ -26,22 +26,12 @@ from control_plane.observability.render import (
     shorten_for,
     webhook_url,
 )
+from control_plane.observability.runbooks import REQUIRED_ALERTS
 from control_plane.xds.resources import cluster_name
 
 pytestmark = pytest.mark.unit
 
-ALERTS = {
-    "ModelUnavailable",
-    "EndpointDown",
-    "HighErrorRate",
-    "HighP99Latency",
-    "HighTimeToFirstToken",
-    "QueueBacklog",
-    "GPUMemoryHigh",
-    "XdsConfigRejected",
-    "ControlPlaneDown",
-    "EnvoyDown",
-}
+ALERTS = REQUIRED_ALERTS
 
 
 def prometheus_params(tmp_path: Path, **overrides: Any) -> PrometheusParams:
