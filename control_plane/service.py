@@ -31,7 +31,7 @@ from control_plane.xds.builders import build_snapshot
 from control_plane.xds.builders.endpoint import build_load_assignment
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.resources import ENDPOINT
-from control_plane.xds.snapshot import Snapshot
+from control_plane.xds.snapshot import Snapshot, content_version
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +198,12 @@ class ControlPlane:
                 cached = (model.endpoints, build_load_assignment(model))
                 self._assignments[model.id] = cached
             assignments[cached[1].cluster_name] = cached[1]
+        version = content_version(assignments)  # once, not per node
         snapshots: dict[str, Snapshot] = {}
         for node, params in self._nodes.items():
             current = self._cache.get_snapshot(node)
             snapshots[node] = (
-                current.replacing(ENDPOINT, assignments)
+                current.replacing(ENDPOINT, assignments, version)
                 if current is not None
                 else self._build(state, params)
             )

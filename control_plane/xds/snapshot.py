@@ -43,12 +43,14 @@ class Snapshot:
             versions=MappingProxyType({t: content_version(r) for t, r in frozen.items()}),
         )
 
-    def replacing(self, type_url: str, resources: Resources) -> Snapshot:
-        """This snapshot with one type's resources replaced; the other types keep their versions."""
+    def replacing(self, type_url: str, resources: Resources, version: str | None = None) -> Snapshot:
+        """This snapshot with one type's resources replaced; the other types keep their versions.
+
+        `version` saves hashing again when the same resources go into several nodes' snapshots."""
         frozen = dict(self.resources)
         frozen[type_url] = MappingProxyType(dict(resources))
         versions = dict(self.versions)
-        versions[type_url] = content_version(frozen[type_url])
+        versions[type_url] = version or content_version(frozen[type_url])
         return Snapshot(resources=MappingProxyType(frozen), versions=MappingProxyType(versions))
 
     @property
