@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loadtest._common import percentile
 from loadtest.locust_llm import SEEDS_MAX_TOKENS, SEEDS_P99_MS, SEEDS_QPS, SEEDS_USERS
 
 if TYPE_CHECKING:
@@ -53,17 +54,6 @@ class Row:
     @property
     def ok_rps(self) -> float:
         return self.rps - self.fail_rps
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) with linear interpolation; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def rows_from_stats(
