@@ -120,8 +120,12 @@ class ControlPlane:
         metadata = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
         params = NodeParams.from_metadata(metadata)
         if self._nodes.get(node.id) != params or self._cache.get_snapshot(node.id) is None:
+            # A node like one already connected gets the very same snapshot object: built, checked and
+            # packed for the wire once for all of them.
+            twin = next((n for n, p in self._nodes.items() if p == params and n != node.id), None)
+            snapshot = self._cache.get_snapshot(twin) if twin is not None else None
             self._nodes[node.id] = params
-            self._cache.set_snapshot(node.id, self._build(self._state, params))
+            self._cache.set_snapshot(node.id, snapshot or self._build(self._state, params))
         self._streams[node.id] = self._streams.get(node.id, 0) + 1
         return node.id
 
@@ -200,13 +204,15 @@ class ControlPlane:
             assignments[cached[1].cluster_name] = cached[1]
         version = content_version(assignments)  # once, not per node
         snapshots: dict[str, Snapshot] = {}
+        replaced: dict[int, Snapshot] = {}  # nodes that shared a snapshot share the new one (and its packing)
         for node, params in self._nodes.items():
             current = self._cache.get_snapshot(node)
-            snapshots[node] = (
-                current.replacing(ENDPOINT, assignments, version)
-                if current is not None
-                else self._build(state, params)
-            )
+            if current is None:
+                snapshots[node] = self._build(state, params)
+                continue
+            if id(current) not in replaced:
+                replaced[id(current)] = current.replacing(ENDPOINT, assignments, version)
+            snapshots[node] = replaced[id(current)]
         self._metrics.snapshot_build_seconds.observe(time.perf_counter() - started)
         self._state = state
         for node, snapshot in snapshots.items():

@@ -25,7 +25,6 @@ from typing import Protocol, TypeAlias
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2
 
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.xds.cache import SnapshotCache
@@ -94,16 +93,11 @@ class _SotwStream:
 
     async def _respond(self, type_url: str, snapshot: Snapshot) -> None:
         state = self._types[type_url]
-        resources = snapshot.resources[type_url]
+        resources = snapshot.packed(type_url)
         if type_url in _NAMED_TYPES and state.names:
-            selected = [resources[n] for n in state.names if n in resources]
+            packed = [resources[n] for n in state.names if n in resources]
         else:
-            selected = [resources[n] for n in sorted(resources)]
-        packed = []
-        for resource in selected:
-            item = any_pb2.Any()
-            item.Pack(resource)
-            packed.append(item)
+            packed = [resources[n] for n in sorted(resources)]
         nonce = str(next(self._nonces))
         version = snapshot.versions[type_url]
         await self._context.write(

@@ -11,7 +11,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from google.protobuf import message
+from google.protobuf import any_pb2, message
 
 from control_plane.errors import InconsistentSnapshotError
 from control_plane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
@@ -52,6 +52,18 @@ class Snapshot:
         versions = dict(self.versions)
         versions[type_url] = version or content_version(frozen[type_url])
         return Snapshot(resources=MappingProxyType(frozen), versions=MappingProxyType(versions))
+
+    def packed(self, type_url: str) -> Mapping[str, any_pb2.Any]:
+        """The type's resources packed for the wire, packed once per snapshot whatever the Envoys."""
+        cache: dict[str, Mapping[str, any_pb2.Any]] = self.__dict__.setdefault("_packed", {})
+        if type_url not in cache:
+            packed = {}
+            for name, resource in self.resources[type_url].items():
+                item = any_pb2.Any()
+                item.Pack(resource)
+                packed[name] = item
+            cache[type_url] = packed
+        return cache[type_url]
 
     @property
     def version(self) -> str:
@@ -103,6 +115,9 @@ class Snapshot:
         return problems
 
     def check_consistent(self) -> None:
-        problems = self.consistency_problems()
+        # Checked once per snapshot object: nodes that share a snapshot share the verdict.
+        if "_problems" not in self.__dict__:
+            self.__dict__["_problems"] = self.consistency_problems()
+        problems: list[str] = self.__dict__["_problems"]
         if problems:
             raise InconsistentSnapshotError(problems)
