@@ -64,24 +64,14 @@ def rows_from_stats(
     rows = []
     for entry in stats.entries.values():
         samples = (exact or {}).get((str(entry.method), str(entry.name)))
-        if samples is not None and len(samples) == entry.num_requests and samples:
-            rows.append(
-                Row(
-                    type=str(entry.method),
-                    name=str(entry.name),
-                    requests=entry.num_requests,
-                    failures=entry.num_failures,
-                    rps=float(entry.total_rps),
-                    fail_rps=float(entry.total_fail_per_sec),
-                    avg=float(entry.avg_response_time),
-                    p50=percentile(samples, 50),
-                    p95=percentile(samples, 95),
-                    p99=percentile(samples, 99),
-                    total_length=float(entry.total_content_length),
-                    exact=True,
-                )
-            )
-            continue
+        is_exact = samples is not None and len(samples) == entry.num_requests and bool(samples)
+        if is_exact:
+            assert samples is not None
+            p50, p95, p99 = (percentile(samples, q) for q in (50, 95, 99))
+        elif entry.num_requests:
+            p50, p95, p99 = (float(entry.get_response_time_percentile(q)) for q in (0.5, 0.95, 0.99))
+        else:
+            p50 = p95 = p99 = math.nan
         rows.append(
             Row(
                 type=str(entry.method),
@@ -91,10 +81,11 @@ def rows_from_stats(
                 rps=float(entry.total_rps),
                 fail_rps=float(entry.total_fail_per_sec),
                 avg=float(entry.avg_response_time),
-                p50=float(entry.get_response_time_percentile(0.5)) if entry.num_requests else math.nan,
-                p95=float(entry.get_response_time_percentile(0.95)) if entry.num_requests else math.nan,
-                p99=float(entry.get_response_time_percentile(0.99)) if entry.num_requests else math.nan,
+                p50=p50,
+                p95=p95,
+                p99=p99,
                 total_length=float(entry.total_content_length),
+                exact=is_exact,
             )
         )
     return rows
