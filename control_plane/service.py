@@ -223,10 +223,11 @@ class ControlPlane:
         built: dict[NodeParams, Snapshot] = {}
         for params in set(self._nodes.values()):
             snapshot = self._build(state, params)
-            problems = snapshot.consistency_problems()
-            if problems:
+            try:
+                snapshot.check_consistent()  # remembered on the snapshot: the cache does not check again
+            except InconsistentSnapshotError:
                 self._metrics.snapshot_inconsistent.inc()
-                raise InconsistentSnapshotError(problems)
+                raise
             built[params] = snapshot
         self._state = state
         changed = sum(self._cache.set_snapshot(node, built[params]) for node, params in self._nodes.items())
