@@ -9,6 +9,14 @@ Load reports carry no latency. When a Prometheus that scrapes the Envoys is conf
 (`PrometheusLatency`), each sample also gets P50/P99 upstream latency per model from Envoy's
 `envoy_cluster_upstream_rq_time` histogram; without one the series has no latency at all (never made up).
 
+Time to first token and tokens per second come from the engines' own metrics, as the telemetry scraper
+last read them (`EngineSignals`: TTFT and time-per-output-token means of the requests finished between
+two scrapes), averaged over the model's endpoints with fresh figures. Tokens per second is the decode
+speed of one stream (1 / time per output token). An engine that does not export a figure (TGI has no
+TTFT histogram, TEI generates no tokens) leaves it unknown.
+
+Only the models of the current registry are charted: a removed model leaves the charts at once.
+
 The arithmetic (`model_targets`, `read_counts`, `rates`, `parse_quantile_vector`, `columns`) is pure and
 tested on its own; `TimeSeriesSampler.run()` is the loop, started and stopped by its owner.
 """
@@ -25,8 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-import aiohttp
-
+from control_plane.admin.latency import Latency, LatencySource
 from control_plane.background import BackgroundTask
 from control_plane.state import GatewayState
 from control_plane.xds.resources import cluster_name
@@ -35,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 2.0
 DEFAULT_WINDOW_S = 900.0
+LOCAL_REPLIES = "(envoy)"  # the pseudo-address of the errors Envoy answers itself
 
 
 class LoadCounters(Protocol):
@@ -56,21 +64,11 @@ class StateSource(Protocol):
     def state(self) -> GatewayState: ...
 
 
-class Latency(NamedTuple):
-    p50_ms: float | None
-    p99_ms: float | None
+class EngineSignals(Protocol):
+    """The telemetry collector (`control_plane.telemetry.scraper.TelemetryCollector`): the latest
+    `EndpointSignals` per endpoint id."""
 
-
-class LatencySource(Protocol):
-    """Per-model upstream latency, e.g. from Prometheus. `describe()` is shown on the status page."""
-
-    async def latency(self, clusters: Mapping[str, str]) -> dict[str, Latency]:
-        """`clusters`: Envoy cluster name → model id. Returns model id → latency (missing: unknown)."""
-        ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    async def close(self) -> None: ...
+    def latest(self) -> Mapping[str, Any]: ...
 
 
 class Counts(NamedTuple):
@@ -99,6 +97,13 @@ class ModelPoint:
     in_flight: int | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    ttft_ms: float | None = None  # mean time to first token (engines' metrics)
+    tokens_per_s: float | None = None  # decode speed of one stream: 1 / mean time per output token
+
+
+class EngineFigures(NamedTuple):
+    ttft_ms: float | None
+    tokens_per_s: float | None
 
 
 @dataclass(frozen=True)
@@ -163,44 +168,57 @@ def rates(previous: Mapping[str, Counts] | None, current: Mapping[str, Counts], 
     )
 
 
-def parse_quantile_vector(body: Mapping[str, Any], clusters: Mapping[str, str]) -> dict[str, float]:
-    """A Prometheus `/api/v1/query` answer (instant vector by `envoy_cluster_name`) → model id → value.
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
-    Series of clusters that are not models, and NaN/Inf values (no requests in the range), are left out.
-    Raises ValueError for an answer that is not a successful vector.
-    """
-    if body.get("status") != "success":
-        raise ValueError(f"Prometheus answered {body.get('errorType', 'error')}: {body.get('error', '?')}")
-    data = body.get("data") or {}
-    if data.get("resultType") != "vector":
-        raise ValueError(f"expected a vector, Prometheus answered a {data.get('resultType')!r}")
-    values: dict[str, float] = {}
-    for series in data.get("result") or []:
-        model_id = clusters.get(str((series.get("metric") or {}).get("envoy_cluster_name", "")))
-        if model_id is None:
-            continue
-        try:
-            value = float(series["value"][1])
-        except (KeyError, IndexError, TypeError, ValueError):
-            continue
-        if math.isfinite(value):
-            values[model_id] = value
-    return values
+
+def engine_figures(
+    state: GatewayState, latest: Mapping[str, Any], now: float, max_age_s: float
+) -> dict[str, EngineFigures]:
+    """Model id → mean TTFT (ms) and tokens per second of its endpoints' signals at most `max_age_s`
+    old at `now` (the signals' monotonic clock). Endpoints without a figure do not count; a model
+    none of whose endpoints has one gets None."""
+    figures: dict[str, EngineFigures] = {}
+    for model in state.models:
+        ttft: list[float] = []
+        per_token: list[float] = []
+        for endpoint in model.endpoints:
+            signals = latest.get(endpoint.id)
+            scraped_at = getattr(signals, "scraped_at", None)
+            if signals is None or scraped_at is None or now - scraped_at > max_age_s:
+                continue
+            value = getattr(signals, "ttft_seconds_mean", None)
+            if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+                ttft.append(value)
+            value = getattr(signals, "time_per_token_seconds_mean", None)
+            if isinstance(value, int | float) and math.isfinite(value) and value > 0:
+                per_token.append(value)
+        mean_ttft, mean_per_token = _mean(ttft), _mean(per_token)
+        figures[model.id] = EngineFigures(
+            ttft_ms=None if mean_ttft is None else mean_ttft * 1000,
+            tokens_per_s=None if mean_per_token is None else 1 / mean_per_token,
+        )
+    return figures
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def columns(samples: Sequence[Sample], model_order: Iterable[str], with_latency: bool) -> dict[str, Any]:
+def columns(
+    samples: Sequence[Sample], model_order: Iterable[str], with_latency: bool, with_engine: bool = False
+) -> dict[str, Any]:
     """Samples as JSON-ready columns: `t` and, per model, one list per figure (null where unknown).
 
-    Models are listed in `model_order` first (the registry's), then any other model seen in the window.
+    Only the models of `model_order` (the registry's, in its order) are listed: a removed model's
+    history is left out, so it leaves the charts.
     """
-    order = list(dict.fromkeys([*model_order, *(m for s in samples for m in s.models)]))
+    order = list(dict.fromkeys(model_order))
     figures = ["qps", "answered_qps", "error_qps", "error_ratio", "in_flight"]
     if with_latency:
         figures += ["p50_ms", "p99_ms"]
+    if with_engine:
+        figures += ["ttft_ms", "tokens_per_s"]
     models: dict[str, dict[str, list[float | int | None]]] = {}
     for model_id in order:
         points = [s.models.get(model_id) for s in samples]
@@ -219,89 +237,6 @@ def _value(point: ModelPoint, name: str) -> float | int | None:
     return value
 
 
-# Latency from Prometheus
-def quantile_query(quantile: float, window: str = "1m") -> str:
-    return (
-        f"histogram_quantile({quantile}, sum by (envoy_cluster_name, le) "
-        f'(rate(envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name=~"model_.+"}}[{window}])))'
-    )
-
-
-class PrometheusLatency:
-    """P50/P99 of Envoy's upstream request time per model cluster, from a Prometheus scraping the Envoys.
-
-    Envoy's histogram is in milliseconds and covers the whole upstream request (a stream until its end).
-    `window`: the rate range; it should span a few scrape intervals.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        window: str = "1m",
-        timeout_s: float = 1.5,
-        session: aiohttp.ClientSession | None = None,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.window = window
-        self.timeout_s = timeout_s
-        self._session = session
-        self._owns_session = session is None
-        self.last_error: str | None = None
-        self.last_success_at: float | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "source": "prometheus",
-            "url": self.url,
-            "window": self.window,
-            "metric": "envoy_cluster_upstream_rq_time",
-            "error": self.last_error,
-        }
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-            self._owns_session = True
-        return self._session
-
-    async def close(self) -> None:
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _query(self, query: str, clusters: Mapping[str, str]) -> dict[str, float]:
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with self._client().get(
-            f"{self.url}/api/v1/query", params={"query": query}, timeout=timeout, allow_redirects=False
-        ) as response:
-            if response.status != 200 and response.content_type != "application/json":
-                raise ValueError(f"HTTP {response.status}")
-            body = await response.json(content_type=None)
-        return parse_quantile_vector(body, clusters)
-
-    async def latency(self, clusters: Mapping[str, str]) -> dict[str, Latency]:
-        try:
-            p50, p99 = await asyncio.gather(
-                self._query(quantile_query(0.5, self.window), clusters),
-                self._query(quantile_query(0.99, self.window), clusters),
-            )
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            message = f"timed out after {self.timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
-            message = message or type(exc).__name__
-            if self.last_error is None:
-                log.warning("status page: latency from Prometheus %s unavailable: %s", self.url, message)
-            self.last_error = message
-            return {}
-        if self.last_error is not None:
-            log.info("status page: latency from Prometheus %s available again", self.url)
-        self.last_error = None
-        self.last_success_at = time.time()
-        return {
-            model_id: Latency(p50_ms=p50.get(model_id), p99_ms=p99.get(model_id)) for model_id in {*p50, *p99}
-        }
-
-
 class TimeSeriesSampler:
     """Samples per-model traffic every `interval_s` into a ring buffer of `window_s`.
 
@@ -315,6 +250,9 @@ class TimeSeriesSampler:
         loads: LoadCounters,
         *,
         latency: LatencySource | None = None,
+        engine: EngineSignals | None = None,
+        engine_max_age_s: float = 10.0,
+        local_errors: Callable[[], Mapping[str, int]] | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
         window_s: float = DEFAULT_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
@@ -325,6 +263,11 @@ class TimeSeriesSampler:
         self.plane = plane
         self.loads = loads
         self.latency_source = latency
+        self.engine_source = engine
+        self.engine_max_age_s = engine_max_age_s
+        # Model id → 5xx replies Envoy made itself without reaching an endpoint, since start
+        # (control_plane/xds/als.py): no load report has them.
+        self.local_errors = local_errors
         self.interval_s = interval_s
         self.window_s = window_s
         self._clock = clock
@@ -345,14 +288,28 @@ class TimeSeriesSampler:
         targets = self._targets()
         now = self._clock()
         counts = read_counts(self.loads, targets)
+        if self.local_errors is not None:
+            # Envoy's own 5xx (draining, disabled, no healthy endpoint) as one more "address" of each model:
+            # answered errors, never issued to an endpoint, so they raise error_qps and error_ratio only.
+            unreported = self.local_errors()
+            for model_id, per_address in counts.items():
+                per_address[LOCAL_REPLIES] = Counts(errors=unreported.get(model_id, 0))
         previous = self._previous
         dt = now - previous[0] if previous else 0.0
+        engine = (
+            engine_figures(self.plane.state, self.engine_source.latest(), now, self.engine_max_age_s)
+            if self.engine_source is not None
+            else {}
+        )
         points = {}
         for model_id, current in counts.items():
             point = rates(previous[1].get(model_id) if previous else None, current, dt)
             measured = (latency or {}).get(model_id)
             if measured is not None:
                 point = dataclasses.replace(point, p50_ms=measured.p50_ms, p99_ms=measured.p99_ms)
+            figures = engine.get(model_id)
+            if figures is not None:
+                point = dataclasses.replace(point, ttft_ms=figures.ttft_ms, tokens_per_s=figures.tokens_per_s)
             points[model_id] = point
         self._previous = (now, counts)
         sample = Sample(t=self._wall_clock(), models=points)
@@ -403,5 +360,13 @@ class TimeSeriesSampler:
             "window_s": self.window_s,
             "now": round(self._wall_clock(), 3),
             "latency": self.latency_source.describe() if self.latency_source is not None else None,
-            **columns(samples, order, with_latency=self.latency_source is not None),
+            "engine": {"source": "telemetry", "max_age_s": self.engine_max_age_s}
+            if self.engine_source is not None
+            else None,
+            **columns(
+                samples,
+                order,
+                with_latency=self.latency_source is not None,
+                with_engine=self.engine_source is not None,
+            ),
         }

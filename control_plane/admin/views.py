@@ -14,6 +14,10 @@ from control_plane.state import EndpointState, Health
 
 # Reports older than this, relative to the start of a drain, do not count as "after the drain".
 DRAIN_REPORT_MARGIN_S = 0.2
+# A connected node with no load report this long after a drain began is lagging (stuck, or not reporting):
+# it no longer holds the verdict for the others (Envoys report every second; its figures, stale after three
+# intervals, are left out of in_flight anyway).
+DRAIN_LAGGING_AFTER_S = 5.0
 
 
 class LoadView(Protocol):
@@ -47,7 +51,8 @@ def drained(plane: ControlPlane, loads: LoadView | None, key: str, addresses: li
     now = time.monotonic()
     for node in plane.connected_nodes():
         age = loads.last_report_age(node)
-        if age is None or now - age < started + DRAIN_REPORT_MARGIN_S:
+        reported_since_drain = age is not None and now - age >= started + DRAIN_REPORT_MARGIN_S
+        if not reported_since_drain and now - started < DRAIN_LAGGING_AFTER_S:
             return False
     return all(loads.in_flight(address) == 0 for address in addresses)
 
@@ -66,6 +71,23 @@ def _state_endpoint(plane: ControlPlane, endpoint_id: str) -> EndpointState | No
     return None
 
 
+def serving_state(
+    *, health: str, envoy_health: Health | None, draining: bool, drained: bool | None, model_enabled: bool
+) -> str:
+    """What the status page shows for an endpoint, one word. "serving" only when Envoy may send it new
+    requests and neither the probes nor the pushed EDS health say it is down (an endpoint not probed yet
+    is routable, so it serves)."""
+    if draining:
+        return "drained" if drained else "draining"
+    if envoy_health is None:
+        return "unresolved"  # not in the config Envoy has: its host name does not resolve
+    if not model_enabled:
+        return "disabled"
+    if health == Health.UNHEALTHY.value or envoy_health == Health.UNHEALTHY:
+        return "unhealthy"
+    return "serving"
+
+
 def endpoint_view(
     plane: ControlPlane, observers: Observers, model: ModelConfig, index: int
 ) -> dict[str, Any]:
@@ -77,19 +99,26 @@ def endpoint_view(
     signals = observers.telemetry.latest().get(endpoint_id) if observers.telemetry else None
     draining = endpoint_id in plane.inputs.draining_endpoints or model.id in plane.inputs.draining_models
     loads = observers.loads
+    health = status.health.value if status else Health.UNKNOWN.value
+    is_drained = drained(plane, loads, f"endpoint:{endpoint_id}", [address]) if draining and address else None
     return {
         "id": endpoint_id,
         "url": config.url,
         "address": address,
-        "health": status.health.value if status else Health.UNKNOWN.value,
+        "health": health,
         "reason": (status.reason if status else "") if live else "host name does not resolve",
         "last_probe_at": status.last_probe_at if status else None,
         "weight": live.weight if live else None,
         "static_weight": config.weight,
         "draining": draining,
-        "drained": drained(plane, loads, f"endpoint:{endpoint_id}", [address])
-        if draining and address
-        else None,
+        "drained": is_drained,
+        "state": serving_state(
+            health=health,
+            envoy_health=live.health if live else None,
+            draining=draining,
+            drained=is_drained,
+            model_enabled=model.enabled,
+        ),
         "in_flight": loads.in_flight(address) if loads and address else None,
         "signals": _as_dict(signals),
         "source": "admin" if endpoint_id in plane.applied.admin_endpoints else "file",
@@ -108,6 +137,7 @@ def model_view(plane: ControlPlane, observers: Observers, model: ModelConfig) ->
         "draining": draining,
         "drained": drained(plane, observers.loads, f"model:{model.id}", addresses) if draining else None,
         "healthy_endpoints": sum(1 for e in endpoints if e["health"] == "healthy" and not e["draining"]),
+        "serving_endpoints": sum(1 for e in endpoints if e["state"] == "serving"),
         "in_flight": sum(e["in_flight"] or 0 for e in endpoints) if observers.loads else None,
         "source": "admin" if model.id in plane.applied.admin_models else "file",
         "endpoints": endpoints,

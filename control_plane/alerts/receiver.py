@@ -2,7 +2,8 @@
 
 An alert named in the auto-drain set (registry `alerting.auto_drain`, or toggled through the admin API)
 that names an `endpoint` label drains that endpoint when it fires and undrains it when it resolves.
-Every automatic action is logged, audited and recorded with the notification; it is reversible (an
+Every automatic action is logged, audited (actor `alertmanager:<alertname>`) and recorded with the
+notification; it is reversible (an
 operator's undrain wins and cancels the pending automatic undrain) and bounded: the last routable
 endpoint of a model is never drained.
 """
@@ -17,11 +18,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from control_plane.admin.operations import AdminOperations
+from control_plane.alerts.known import unknown_alert_problem
 from control_plane.errors import NotFoundError
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.service import ControlPlane
 from control_plane.state import Health
-from control_plane.store.overlay import AdminStore
+from control_plane.store.overlay import AdminStore, acting_as
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ class Notification(BaseModel):
     alerts: list[Alert]
 
 
+class UnknownAlertError(ValueError):
+    """An auto-drain setting names an alert no rule defines."""
+
+
 class AlertReceiver:
     def __init__(self, plane: ControlPlane, ops: AdminOperations, metrics: ControlPlaneMetrics) -> None:
         self._plane = plane
@@ -64,6 +70,10 @@ class AlertReceiver:
         }
 
     def set_auto_drain(self, alertname: str, enabled: bool) -> None:
+        """Raises UnknownAlertError for a name no alert rule has (it could never fire)."""
+        problem = unknown_alert_problem(alertname)
+        if problem is not None:
+            raise UnknownAlertError(problem)
         self._store.set_flag("alert", alertname, "auto_drain", enabled)
 
     # Reading
@@ -96,34 +106,38 @@ class AlertReceiver:
         results = []
         for alert in notification.alerts:
             name = alert.labels.get("alertname", "")
-            action = await self._act(name, alert)
-            self._store.write(
-                [
-                    (
-                        "INSERT INTO alerts (received_at, status, alertname, fingerprint, labels, "
-                        "annotations, starts_at, ends_at, action) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            time.time(),
-                            alert.status,
-                            name,
-                            alert.fingerprint,
-                            json.dumps(alert.labels),
-                            json.dumps(alert.annotations),
-                            alert.startsAt,
-                            alert.endsAt,
-                            action,
-                        ),
-                    ),
-                    # Bounded history: the newest 1000 notifications.
-                    ("DELETE FROM alerts WHERE seq <= (SELECT MAX(seq) FROM alerts) - 1000", ()),
-                ],
-                f"alert.{alert.status}",
-                name,
-                json.dumps(alert.labels, sort_keys=True),
-            )
-            self._metrics.alert_notifications.labels(name or "unknown", alert.status).inc()
-            results.append({"alertname": name, "status": alert.status, "action": action})
+            with acting_as(f"alertmanager:{name or 'unknown'}"):
+                results.append(await self._handle_one(name, alert))
         return results
+
+    async def _handle_one(self, name: str, alert: Alert) -> dict[str, Any]:
+        action = await self._act(name, alert)
+        self._store.write(
+            [
+                (
+                    "INSERT INTO alerts (received_at, status, alertname, fingerprint, labels, "
+                    "annotations, starts_at, ends_at, action) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        time.time(),
+                        alert.status,
+                        name,
+                        alert.fingerprint,
+                        json.dumps(alert.labels),
+                        json.dumps(alert.annotations),
+                        alert.startsAt,
+                        alert.endsAt,
+                        action,
+                    ),
+                ),
+                # Bounded history: the newest 1000 notifications.
+                ("DELETE FROM alerts WHERE seq <= (SELECT MAX(seq) FROM alerts) - 1000", ()),
+            ],
+            f"alert.{alert.status}",
+            name,
+            json.dumps(alert.labels, sort_keys=True),
+        )
+        self._metrics.alert_notifications.labels(name or "unknown", alert.status).inc()
+        return {"alertname": name, "status": alert.status, "action": action}
 
     def _routable_peers(self, endpoint_id: str) -> int:
         for model in self._plane.state.models:
@@ -209,6 +223,8 @@ class AlertReceiver:
 
     def forget_endpoint(self, endpoint_id: str) -> None:
         """An operator undrained it by hand: no automatic undrain is pending any more."""
+        if not self._store.rows("SELECT 1 FROM auto_actions WHERE endpoint_id = ?", (endpoint_id,)):
+            return  # nothing pending: no audit entry either
         self._store.write(
             [("DELETE FROM auto_actions WHERE endpoint_id = ?", (endpoint_id,))],
             "auto.forget",

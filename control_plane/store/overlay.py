@@ -12,19 +12,40 @@ Every write is committed before the call returns, so a restarted control plane c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from control_plane.config.loader import parse_registry
+from pydantic import ValidationError
+
+from control_plane.config.loader import parse_registry, validation_problems
 from control_plane.config.schema import EndpointConfig, ModelConfig, Registry
 
 log = logging.getLogger(__name__)
+
+# Who makes the changes the current task writes, for the audit log: "admin-token" (admin API),
+# "alertmanager:<alertname>" (alert receiver), "registry-file" (file reload). A context variable rather
+# than a parameter, so every write path records it without each layer in between passing it on;
+# asyncio tasks and worker threads started from the task inherit it.
+AUDIT_ACTOR: ContextVar[str] = ContextVar("audit_actor", default="control-plane")
+
+
+@contextlib.contextmanager
+def acting_as(actor: str) -> Iterator[None]:
+    token = AUDIT_ACTOR.set(actor)
+    try:
+        yield
+    finally:
+        AUDIT_ACTOR.reset(token)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS added_models (id TEXT PRIMARY KEY, doc TEXT NOT NULL, seq INTEGER NOT NULL);
@@ -72,7 +93,11 @@ class AdminStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        # Databases written before audit entries named their actor gain the column (old rows: '').
+        if "actor" not in {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}:
+            self._db.execute("ALTER TABLE audit ADD COLUMN actor TEXT NOT NULL DEFAULT ''")
+        # Re-entrant: `preview` holds it around writes and reads that take it again.
+        self._lock = threading.RLock()
 
     def close(self) -> None:
         with self._lock:
@@ -81,20 +106,36 @@ class AdminStore:
     def write(
         self, statements: list[tuple[str, tuple[Any, ...]]], action: str, target: str, detail: str
     ) -> None:
-        """Run `statements` in one transaction, with an audit row saying what was done to what."""
+        """Run `statements` in one transaction, with an audit row saying what was done to what, by whom
+        (`AUDIT_ACTOR`)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            # A savepoint, not BEGIN: outside a transaction it is one (committed by RELEASE), inside a
+            # `preview` it nests and is undone with it.
+            self._db.execute("SAVEPOINT write")
             try:
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute(
-                    "INSERT INTO audit (at, action, target, detail) VALUES (?, ?, ?, ?)",
-                    (time.time(), action, target, detail),
+                    "INSERT INTO audit (at, action, target, detail, actor) VALUES (?, ?, ?, ?, ?)",
+                    (time.time(), action, target, detail, AUDIT_ACTOR.get()),
                 )
-                self._db.execute("COMMIT")
+                self._db.execute("RELEASE write")
             except sqlite3.Error:
-                self._db.execute("ROLLBACK")
+                self._db.execute("ROLLBACK TO write")
+                self._db.execute("RELEASE write")
                 raise
+
+    @contextlib.contextmanager
+    def preview(self) -> Iterator[None]:
+        """Writes made inside are seen by reads inside (`apply`, `flags`) and all undone on exit: the
+        control plane validates a change on what it would make before anything is stored."""
+        with self._lock:
+            self._db.execute("SAVEPOINT preview")
+            try:
+                yield
+            finally:
+                self._db.execute("ROLLBACK TO preview")
+                self._db.execute("RELEASE preview")
 
     def rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -180,8 +221,13 @@ class AdminStore:
         )
 
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self.rows("SELECT at, action, target, detail FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
-        return [{"at": at, "action": a, "target": t, "detail": d} for at, a, t, d in rows]
+        rows = self.rows(
+            "SELECT at, action, target, detail, actor FROM audit ORDER BY seq DESC LIMIT ?", (limit,)
+        )
+        return [
+            {"at": at, "action": a, "target": t, "detail": d, "actor": actor}
+            for at, a, t, d, actor in rows
+        ]
 
     # Layering
     def apply(self, base: Registry) -> Applied:
@@ -211,6 +257,11 @@ class AdminStore:
         admin_models = set()
         for (doc_text,) in self.rows("SELECT doc FROM added_models ORDER BY seq"):
             doc = json.loads(doc_text)
+            problem = _invalid(ModelConfig, doc)
+            if problem:
+                # Stored before today's rules (e.g. a newline in a name): skipped, not fatal.
+                warnings.append(f"admin-added model {doc.get('id')!r} skipped: {problem}")
+                continue
             clash = {doc["id"], *doc.get("aliases", [])} & names
             if clash:
                 warnings.append(f"admin-added model {doc['id']!r} skipped: the file defines {sorted(clash)}")
@@ -232,6 +283,10 @@ class AdminStore:
             if endpoint_id in endpoint_ids:
                 warnings.append(f"admin-added endpoint {endpoint_id!r} skipped: the id is taken")
                 continue
+            problem = _invalid(EndpointConfig, json.loads(doc_text))
+            if problem:
+                warnings.append(f"admin-added endpoint {endpoint_id!r} skipped: {problem}")
+                continue
             by_id[model_id].setdefault("endpoints", []).append(json.loads(doc_text))
             endpoint_ids.add(endpoint_id)
             admin_endpoints.add(endpoint_id)
@@ -247,8 +302,17 @@ class AdminStore:
         for warning in warnings:
             log.warning("%s", warning)
         return Applied(
-            registry=parse_registry(document, "registry + admin changes"),
+            registry=parse_registry(document, "registry + admin changes", allow_empty=True),
             warnings=warnings,
             admin_models=frozenset(admin_models),
             admin_endpoints=frozenset(admin_endpoints),
         )
+
+
+def _invalid(kind: type[ModelConfig] | type[EndpointConfig], doc: Any) -> str | None:
+    """Why a stored admin entry no longer validates, or None."""
+    try:
+        kind.model_validate(doc)
+    except ValidationError as exc:
+        return "; ".join(validation_problems(exc))
+    return None

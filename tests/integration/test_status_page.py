@@ -1,6 +1,7 @@
 """The status page of a real stack in headless Chromium: Envoy, the control plane, simulated model
-servers, load through the gateway, one endpoint drained through the admin API; with a real Prometheus
-scraping Envoy (when the `prometheus` binary is installed) for the latency chart.
+servers, load through the gateway, one endpoint drained by clicking its button on the page (Chromium
+driven over the DevTools protocol), the drain audited with its actor; with a real Prometheus scraping
+Envoy (when the `prometheus` binary is installed) for the latency chart and the page's link to it.
 
 `STATUS_PAGE_SCREENSHOT=docs/images/status-page.png` also writes the screenshot there, and
 `STATUS_PAGE_LOAD_S` sets how long load runs before it (default 12 s): that is how the documentation's
@@ -9,6 +10,7 @@ image is made.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -25,6 +27,7 @@ import pytest
 
 from control_plane.devstack.procs import free_port, http_ok, wait_until
 from tests.integration.conftest import StackFactory
+from tests.support.cdp import Browser
 from tests.support.chromium import Dom, chromium_binary, dump_dom, screenshot
 from tests.support.gateway import admin_client, eventually
 from tests.support.registries import model, registry
@@ -141,6 +144,22 @@ class Load:
             thread.join(timeout=35)
 
 
+async def _drain_from_the_page(page_url: str, endpoint_id: str) -> str:
+    """Click the endpoint's Drain button twice (arm, confirm); the banner's text once it is done."""
+    button = f'tr[data-endpoint="{endpoint_id}"] button[data-action="drain"]'
+    async with Browser(timeout_s=45) as browser:
+        await browser.navigate(page_url)
+        await browser.wait_for("document.body.dataset.state === 'ok'", what="the status page")
+        await browser.click(button)
+        await browser.wait_for(f"document.querySelector({button!r}).classList.contains('armed')")
+        await browser.click(button)
+        return str(
+            await browser.wait_for(
+                "(document.getElementById('action-result') || {}).textContent", what="the drain's result"
+            )
+        )
+
+
 def _latest(series: dict[str, Any], model_id: str, figure: str) -> Any:
     values = series["models"].get(model_id, {}).get(figure, [])
     return next((v for v in reversed(values) if v is not None), None)
@@ -188,8 +207,9 @@ def test_status_page_of_a_running_gateway(
             what="probes",
         )
         time.sleep(load_s / 2)
-        drained = admin.post("/admin/endpoints/qwen2-1/drain").json()
-        assert drained["draining"] is True
+        result = asyncio.run(_drain_from_the_page(page_url, "qwen2-1"))
+        assert "drain endpoint qwen2-1: done" in result and "applied by 1 Envoy" in result, result
+        assert admin.get("/admin/endpoints/qwen2-1").json()["draining"] is True
         eventually(
             lambda: admin.get("/admin/endpoints/qwen2-1").json()["drained"] is True,
             timeout_s=30,
@@ -202,6 +222,12 @@ def test_status_page_of_a_running_gateway(
             return all((_latest(series, m, "qps") or 0) > 0 for m in ("qwen2", "llama3"))
 
         eventually(traffic_seen, timeout_s=15, what="QPS of both models in the time series")
+        # TTFT from the vLLM simulator's histogram (TGI exports none); decode speed from both engines.
+        eventually(
+            lambda: _latest(admin.get("/admin/timeseries").json(), "llama3", "ttft_ms") is not None,
+            timeout_s=20,
+            what="llama3's time to first token in the time series",
+        )
         if prometheus is not None:
             eventually(
                 lambda: _latest(admin.get("/admin/timeseries").json(), "qwen2", "p99_ms") is not None,
@@ -227,6 +253,7 @@ def test_status_page_of_a_running_gateway(
             ],
         }
         admin.post("/alerts/webhook", json=notification).raise_for_status()
+        audit = admin.get("/admin/audit").json()["entries"]
 
         dom = Dom(dump_dom(page_url))
         png = screenshot(page_url, tmp_path / "status-page.png")
@@ -240,9 +267,15 @@ def test_status_page_of_a_running_gateway(
     assert all(rows[e].attrs["data-state"] == "serving" for e in ("qwen2-0", "llama3-0", "llama3-1"))
     assert all(r.attrs["data-health"] == "healthy" for r in rows.values())
     assert "1 Envoy connected" in dom.one("span", id="summary").text
+    drains = [(e["target"], e["actor"]) for e in audit if e["action"] == "endpoint.draining"]
+    assert drains == [("qwen2-1", "admin-token")], audit
+    assert [e["actor"] for e in audit if e["action"] == "alert.firing"] == ["alertmanager:HighErrorRate"]
+    links = {a.attrs["data-link"]: a.attrs["href"] for a in dom.find("a") if "data-link" in a.attrs}
+    assert links == ({"prometheus": prometheus.url} if prometheus is not None else {})
 
     charts = {c.attrs["data-chart"]: c for c in dom.find("div") if "data-chart" in c.attrs}
-    assert {"qps", "errors", "in_flight"} <= set(charts)
+    assert {"qps", "errors", "in_flight", "ttft", "tokens_per_s"} <= set(charts)
+    assert "llama3" in charts["ttft"].text and "qwen2" in charts["tokens_per_s"].text
     assert {p.attrs["data-model"] for p in dom.find("path") if "data-model" in p.attrs} == {"qwen2", "llama3"}
     if prometheus is not None:
         assert series["latency"]["source"] == "prometheus" and series["latency"]["error"] is None

@@ -2,7 +2,10 @@
 
 A real `ControlPlane` (no Envoy: load reports are recorded into the store directly), the real admin app
 with the status page registered, uvicorn on an ephemeral port; an endpoint is drained through the admin
-API; Chromium loads the page with the token in the URL fragment and the rendered DOM is checked.
+API; Chromium loads the page with the token in the URL fragment and the rendered DOM is checked. The
+action tests drive Chromium over the DevTools protocol (tests/support/cdp.py): real clicks on the page's
+buttons, then the gateway's state and audit log are checked; `/docs` is loaded with nothing but
+loopback reachable.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from control_plane.service import ControlPlane
 from control_plane.state import Health
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.lrs import EndpointSample, LoadReportStore
+from tests.support.cdp import Browser
 from tests.support.chromium import Dom, chromium_binary, dump_dom, screenshot
 
 pytestmark = [
@@ -41,6 +45,8 @@ pytestmark = [
 ]
 
 TOKEN = "browser-test-token"
+PROMETHEUS = "http://127.0.0.1:9/prometheus"  # only linked, never fetched
+ALERTMANAGER = "http://127.0.0.1:9/alertmanager"
 ENDPOINTS = {"qwen2-0": 9101, "qwen2-1": 9102, "llama3-0": 9201, "llama3-1": 9202}
 
 
@@ -141,6 +147,7 @@ def served() -> Iterator[Served]:
         None,
         SecretStr(TOKEN),
         Observers(prober=Prober(), loads=loads),  # type: ignore[arg-type]
+        links={"prometheus": PROMETHEUS, "alertmanager": ALERTMANAGER, "evil": "javascript:alert(1)"},
     )
     register_status_page(
         app, sampler=sampler, alerts=Alerts(), guard_dependency=bearer_guard(SecretStr(TOKEN))
@@ -186,6 +193,8 @@ def test_page_shows_models_endpoints_drain_charts_and_alerts(served: Served, tmp
         rows["qwen2-0"].attrs["data-state"] == "serving" and rows["qwen2-0"].attrs["data-health"] == "healthy"
     )
     assert rows["llama3-1"].attrs["data-health"] == "unhealthy"
+    assert rows["llama3-1"].attrs["data-state"] == "unhealthy"  # never "serving" while its probes fail
+    assert "serving" not in dom.one("tr", data_endpoint="llama3-1").text.split()
     assert "unreachable: connection refused" in rows["llama3-1"].text
     assert "127.0.0.1:9101" in rows["qwen2-0"].text
     qwen = dom.one("article", data_model="qwen2")
@@ -204,6 +213,8 @@ def test_page_shows_models_endpoints_drain_charts_and_alerts(served: Served, tmp
     assert "qwen2 13" in charts["qps"].text and "llama3 4" in charts["qps"].text
     assert "llama3 12.5%" in charts["errors"].text
     assert "no Prometheus is configured" in dom.one("p", id="charts-note").text
+    links = {a.attrs["data-link"]: a.attrs["href"] for a in dom.find("a") if "data-link" in a.attrs}
+    assert links == {"prometheus": PROMETHEUS, "alertmanager": ALERTMANAGER}
 
     alerts = dom.one("div", id="alerts")
     assert "EndpointHighErrorRate" in alerts.text and "drained llama3-1" in alerts.text
@@ -227,3 +238,77 @@ def test_a_wrong_token_is_refused_and_forgotten(served: Served) -> None:
     assert dom.one("body").attrs["data-state"] == "login"
     assert "refused" in dom.one("p", id="login-error").text
     assert not dom.find("article")
+
+
+def _audit(served: Served) -> list[dict[str, Any]]:
+    return served.plane.store.audit(50)
+
+
+def test_drain_and_disable_from_the_page_are_applied_and_audited_with_the_actor(served: Served) -> None:
+    drain = 'tr[data-endpoint="qwen2-0"] button[data-action="drain"]'
+    disable = 'article[data-model="llama3"] button[data-action="disable"]'
+
+    async def scenario() -> list[str]:
+        async with Browser() as browser:
+            await browser.navigate(f"{served.url}/#token={TOKEN}")
+            await browser.wait_for("document.body.dataset.state === 'ok'", what="the page to load")
+            # One click only arms the button: nothing is changed yet.
+            await browser.click(drain)
+            await browser.wait_for(f"document.querySelector({drain!r}).classList.contains('armed')")
+            assert "qwen2-0" not in served.plane.inputs.draining_endpoints
+            await browser.click(drain)  # the confirmation
+            state = await browser.wait_for(
+                "(() => { const r = document.querySelector('tr[data-endpoint=\"qwen2-0\"]');"
+                " return r && r.dataset.state !== 'serving' ? r.dataset.state : null; })()",
+                what="qwen2-0 to leave serving on the page",
+            )
+            assert state in ("draining", "drained")
+            banner = await browser.evaluate("document.getElementById('action-result').textContent")
+            assert "drain endpoint qwen2-0: done" in banner and "no Envoy is connected" in banner
+            # The model's own buttons: disable llama3.
+            await browser.click(disable)
+            await browser.wait_for(f"document.querySelector({disable!r}).classList.contains('armed')")
+            await browser.click(disable)
+            await browser.wait_for(
+                "document.querySelector('article[data-model=\"llama3\"]').dataset.enabled === 'false'",
+                what="llama3 to show disabled",
+            )
+            # And undrain qwen2-0 again.
+            undrain = 'tr[data-endpoint="qwen2-0"] button[data-action="undrain"]'
+            await browser.click(undrain)
+            await browser.wait_for(f"document.querySelector({undrain!r}).classList.contains('armed')")
+            await browser.click(undrain)
+            await browser.wait_for(
+                "document.querySelector('tr[data-endpoint=\"qwen2-0\"]').dataset.state === 'serving'",
+                what="qwen2-0 to serve again",
+            )
+            return browser.console
+
+    console = asyncio.run(scenario())
+    assert not [line for line in console if line.startswith("exception")], console
+    assert "qwen2-0" not in served.plane.inputs.draining_endpoints
+    assert not served.plane.registry.model("llama3").enabled  # type: ignore[union-attr]
+    entries = [(e["action"], e["target"], e["actor"]) for e in reversed(_audit(served))]
+    assert entries == [
+        ("endpoint.draining", "qwen2-0", "admin-token"),
+        ("model.enabled", "llama3", "admin-token"),
+        ("endpoint.draining", "qwen2-0", "admin-token"),
+    ]
+    assert [e["detail"] for e in reversed(_audit(served))] == ["true", "false", ""]
+
+
+def test_api_docs_load_with_no_network_but_loopback(served: Served) -> None:
+    async def scenario() -> tuple[str, int, list[str]]:
+        async with Browser() as browser:
+            await browser.navigate(f"{served.url}/docs")
+            count = await browser.wait_for(
+                "document.querySelectorAll('.opblock').length", what="Swagger UI to list the operations"
+            )
+            title = await browser.evaluate("document.querySelector('.swagger-ui .info .title').textContent")
+            return title, count, browser.requests
+
+    title, operations, requests = asyncio.run(scenario())
+    assert "LLM gateway admin API" in title
+    assert operations >= 15
+    assert requests and all(u.startswith(served.url) for u in requests if not u.startswith("data:")), requests
+    assert any(u.endswith("/docs/assets/swagger-ui-bundle.js") for u in requests)

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from control_plane.admin.latency import Latency, PrometheusLatency, parse_quantile_vector, quantile_query
 from control_plane.admin.timeseries import (
     Counts,
-    Latency,
     ModelPoint,
-    PrometheusLatency,
     Sample,
     Target,
     TimeSeriesSampler,
     columns,
+    engine_figures,
     model_targets,
-    parse_quantile_vector,
-    quantile_query,
     rates,
     read_counts,
 )
@@ -176,7 +175,37 @@ def test_columns_fill_gaps_and_keep_the_registry_order() -> None:
         "error_ratio": [None, 0.1235],
         "in_flight": [None, 1],
     }
-    assert "p99_ms" in columns(samples, [], with_latency=True)["models"]["a"]
+    assert "p99_ms" in columns(samples, ["a"], with_latency=True)["models"]["a"]
+    assert "ttft_ms" not in out["models"]["a"]
+    assert {"ttft_ms", "tokens_per_s"} <= set(columns(samples, ["a"], False, with_engine=True)["models"]["a"])
+    # A model sampled in the window but no longer configured (removed) is not charted.
+    assert list(columns(samples, ["b"], with_latency=False)["models"]) == ["b"]
+
+
+@dataclass(frozen=True)
+class Signals:
+    scraped_at: float
+    ttft_seconds_mean: float | None = None
+    time_per_token_seconds_mean: float | None = None
+
+
+def test_engine_figures_average_fresh_endpoints_per_model() -> None:
+    state = plane().state
+    qwen_a, qwen_b = (e.id for e in state.models[0].endpoints)
+    latest = {
+        qwen_a: Signals(scraped_at=100.0, ttft_seconds_mean=0.2, time_per_token_seconds_mean=0.02),
+        qwen_b: Signals(scraped_at=99.0, ttft_seconds_mean=0.4, time_per_token_seconds_mean=0.03),
+        "llama3-0": Signals(scraped_at=80.0, ttft_seconds_mean=9.0, time_per_token_seconds_mean=1.0),  # stale
+        "gone-0": Signals(scraped_at=100.0, ttft_seconds_mean=1.0),  # not an endpoint of any model
+    }
+    figures = engine_figures(state, latest, now=100.0, max_age_s=10.0)
+    assert set(figures) == {"qwen2", "org/llama3"}
+    assert figures["qwen2"].ttft_ms == pytest.approx(300.0)
+    assert figures["qwen2"].tokens_per_s == pytest.approx(1 / 0.025)
+    assert figures["org/llama3"] == (None, None)
+    # An engine that exports no TTFT (TGI) keeps TTFT unknown, tokens per second known.
+    tgi = {qwen_a: Signals(scraped_at=100.0, time_per_token_seconds_mean=0.05)}
+    assert engine_figures(state, tgi, 100.0, 10.0)["qwen2"] == (None, pytest.approx(20.0))
 
 
 # The sampler
@@ -207,6 +236,32 @@ def test_sampler_turns_reports_into_a_window_of_rates() -> None:
     assert out["models"]["qwen2"]["in_flight"] == [3, 4, 5, 6, 7]
     assert "p99_ms" not in out["models"]["qwen2"]  # no latency source: no latency, not zeros
     assert sampler.to_json(window_s=4.0)["t"] == out["t"][-3:]
+
+
+def test_engine_figures_in_samples_and_removed_models_leave_the_window() -> None:
+    gateway = plane()
+    store = LoadReportStore()
+    store.node_connected("envoy-1")
+    mono, wall = Clock(100.0), Clock(1_700_000_000.0)
+    qwen_a = gateway.state.models[0].endpoints[0].id
+
+    class Engines:
+        def latest(self) -> dict[str, Any]:
+            return {
+                qwen_a: Signals(scraped_at=mono.t, ttft_seconds_mean=0.15, time_per_token_seconds_mean=0.01)
+            }
+
+    sampler = TimeSeriesSampler(gateway, store, engine=Engines(), clock=mono, wall_clock=wall)
+    sampler.sample_once()
+    out = sampler.to_json()
+    assert out["engine"] == {"source": "telemetry", "max_age_s": 10.0}
+    assert out["models"]["qwen2"]["ttft_ms"] == [150.0] and out["models"]["qwen2"]["tokens_per_s"] == [100.0]
+    assert out["models"]["org/llama3"]["ttft_ms"] == [None]
+
+    asyncio.run(gateway.apply_registry(parse_registry({"models": [gateway.registry.models[0].model_dump()]})))
+    mono.t += 2.0
+    sampler.sample_once()
+    assert list(sampler.to_json()["models"]) == ["qwen2"]  # the removed model left the series at once
 
 
 def test_sampler_rejects_a_window_shorter_than_the_interval() -> None:

@@ -8,9 +8,12 @@ from typing import Any
 import pytest
 
 from control_plane.admin.operations import AdminOperations
-from control_plane.alerts.receiver import AlertReceiver, Notification
+from control_plane.alerts.known import known_alerts
+from control_plane.alerts.receiver import AlertReceiver, Notification, UnknownAlertError
 from control_plane.config import parse_registry
+from control_plane.errors import ConfigError
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.observability.runbooks import REQUIRED_ALERTS
 from control_plane.service import ControlPlane
 from control_plane.state import Health
 from control_plane.xds.cache import SnapshotCache
@@ -81,6 +84,8 @@ def test_firing_drains_and_resolving_undrains() -> None:
         "auto.release",
         "endpoint.draining",
     ]
+    # Every entry the notifications caused names the alert as its actor.
+    assert {e["actor"] for e in plane.store.audit()} == {"alertmanager:EndpointDown"}
 
 
 def test_alerts_not_allowed_to_act_are_only_recorded() -> None:
@@ -91,6 +96,25 @@ def test_alerts_not_allowed_to_act_are_only_recorded() -> None:
     assert run(receiver.handle(note("firing")))[0]["action"] == "drained a"
     receiver.set_auto_drain("EndpointDown", False)
     assert "EndpointDown" not in receiver.auto_drain_alerts()
+
+
+def test_auto_drain_naming_no_known_alert_is_refused() -> None:
+    _, receiver, _ = setup(auto_drain=())
+    with pytest.raises(UnknownAlertError, match="EndpointDown"):  # the message lists the known ones
+        receiver.set_auto_drain("EndpointDwn", True)
+    assert "EndpointDwn" not in receiver.auto_drain_alerts()
+    with pytest.raises(ConfigError, match=r"alerting\.auto_drain: no alert is named 'Nope'"):
+        parse_registry(
+            {
+                "models": [{"id": "m", "engine": "vllm", "endpoints": [{"url": "http://127.0.0.1:1"}]}],
+                "alerting": {"auto_drain": ["Nope"]},
+            },
+            "models.yaml",
+        )
+    # Every alert the shipped rules define is accepted.
+    assert set(known_alerts()) >= REQUIRED_ALERTS
+    for name in known_alerts():
+        receiver.set_auto_drain(name, True)
 
 
 def test_the_last_routable_endpoint_is_never_drained() -> None:
