@@ -6,7 +6,7 @@ Sections, in this order (each starts and stops its own processes, on loopback po
 
 - ``overhead``     the same fast backend direct, through a bare Envoy and through the gateway (wrk)
 - ``streaming``    added time to first chunk and inter-chunk spacing, direct vs gateway
-- ``failover``     one of three endpoints SIGKILLed under a mix of streaming and non-streaming load
+- ``failover``     one of two replicas SIGKILLed, then one hung, under 64 clients; overloaded fleets
 - ``convergence``  admin drain/undrain and health flips: from the change to Envoy applying it
 - ``scale``        snapshot build and push/ACK for 10, 100, 1000 models (10 ADS clients, one real Envoy)
 - ``profile``      Envoy's per-request cost of each part of the gateway's config; cProfile of the build

@@ -1,15 +1,19 @@
-"""Failover under load: one of three endpoints SIGKILLed mid-run under a steady mix of requests.
+"""Failover under load: one of two replicas SIGKILLed, then one of two SIGSTOPped (hung), under 64
+closed-loop clients; then overloaded fleets, where retries must not multiply load.
 
-A local stack with three simulated vLLM endpoints of one model (registry defaults: health probes every
-2 s, 2 failures to go down; retries on connect failure, reset and 503 on another host; outlier ejection
-after 2 local-origin failures). Closed-loop clients alternate non-streaming and streaming chat
-completions. After a warm-up, ``bench-0`` is killed with SIGKILL (as a crash would) and the load goes on.
+A local stack with two simulated vLLM endpoints per model (registry defaults: health probes every 2 s,
+2 failures to go down; retries on connect failure and reset on another replica, the retry budget sized for
+a whole replica's share; outlier ejection after 2 local-origin failures). Closed-loop clients alternate
+non-streaming and streaming chat completions; about 32 requests are in flight on each replica. After a
+warm-up, the victim is killed with SIGKILL (as a crash would), or stopped with SIGSTOP (a hang: its
+connections stay open and nothing answers; the model's ``idle_timeout_s`` is 5 s here), and the load goes
+on.
 
-Reported: failed requests, separately for non-streaming and streaming, and among the streams those that
-were in flight on the killed endpoint (they are expected to break: a response already under way cannot be
-retried); when the last error happened; when Envoy's ``/clusters`` first showed the host ejected by
-outlier detection and marked unhealthy by the control plane (EDS); when the last attempt reached the dead
-host (its request and connect-failure counters stop moving); and Envoy's retry counters.
+Reported for each: failed requests, separately for non-streaming and streaming, and among the streams
+those that were in flight on the victim (they are expected to break: a response already under way cannot
+be retried); when the last error happened; when Envoy's ``/clusters`` first showed the host ejected by
+outlier detection and marked unhealthy by the control plane (EDS); when the last attempt reached the
+victim; and Envoy's retry counters. The overload half is ``loadtest.bench_failover_overload``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import contextlib
 import itertools
 import json
 import math
+import signal
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,20 +41,22 @@ from loadtest._common import (
     percentile,
     wait_routable,
 )
+from loadtest.bench_failover_overload import render_overload, run_overload
 
 MODEL = "fo"
-KILLED = f"{MODEL}-0"
 
 
 @dataclass(frozen=True)
 class FailoverSettings:
-    clients: int = 16
+    clients: int = 64
     warmup_s: float = 4.0
     after_kill_s: float = 14.0
+    hang_idle_timeout_s: float = 5.0
     stream_tokens: int = 64
     plain_tokens: int = 32
     decode_ms: float = 10.0
     max_requests: int = 50_000
+    overload_s: float = 6.0
 
 
 @dataclass
@@ -64,11 +72,11 @@ class Outcome:
 
 
 async def one(
-    session: aiohttp.ClientSession, url: str, kind: str, index: int, settings: FailoverSettings
+    session: aiohttp.ClientSession, url: str, model: str, kind: str, index: int, settings: FailoverSettings
 ) -> Outcome:
     stream = kind == "stream"
     body = {
-        "model": MODEL,
+        "model": model,
         "messages": [{"role": "user", "content": f"request {index}"}],
         "max_tokens": settings.stream_tokens if stream else settings.plain_tokens,
         "stream": stream,
@@ -103,9 +111,9 @@ async def one(
     return out
 
 
-def _host_flags(clusters_json: dict[str, Any], port: int) -> dict[str, Any]:
+def _host_flags(clusters_json: dict[str, Any], cluster_id: str, port: int) -> dict[str, Any]:
     for cluster in clusters_json.get("cluster_statuses", []):
-        if cluster.get("name") != f"model_{MODEL}":
+        if cluster.get("name") != cluster_id:
             continue
         for host in cluster.get("host_statuses", []):
             if host.get("address", {}).get("socket_address", {}).get("port_value") == port:
@@ -115,19 +123,27 @@ def _host_flags(clusters_json: dict[str, Any], port: int) -> dict[str, Any]:
 
 
 async def watch_envoy(
-    session: aiohttp.ClientSession, admin_url: str, port: int, stop_at: float, samples: list[dict[str, Any]]
+    session: aiohttp.ClientSession,
+    admin_url: str,
+    cluster_id: str,
+    port: int,
+    stop_at: float,
+    samples: list[dict[str, Any]],
 ) -> None:
-    """Every 50 ms: the killed host's health flags and counters in Envoy's /clusters."""
+    """Every 50 ms: the victim's health flags and counters in Envoy's /clusters."""
     while time.monotonic() < stop_at:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
             async with session.get(f"{admin_url}/clusters?format=json") as response:
                 doc = await response.json(content_type=None)
-            samples.append({"t": time.monotonic(), **_host_flags(doc, port)})
+            samples.append({"t": time.monotonic(), **_host_flags(doc, cluster_id, port)})
         await asyncio.sleep(0.05)
 
 
 @dataclass
 class FailoverRun:
+    scenario: str  # "kill" or "hang"
+    model: str
+    victim_in_flight: int = 0  # requests the victim held (running + queued) just before the signal
     outcomes: list[Outcome] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     kill_at: float = math.nan
@@ -136,24 +152,80 @@ class FailoverRun:
     counters_after: dict[str, int] = field(default_factory=dict)
 
 
-def registry_doc(ports: list[int]) -> dict[str, Any]:
-    return {
-        "gateway": {"expose_upstream_host": True},
-        "models": [
-            {
-                "id": MODEL,
-                "engine": "vllm",
-                "endpoints": [
-                    {"id": f"{MODEL}-{i}", "url": f"http://127.0.0.1:{p}"} for i, p in enumerate(ports)
-                ],
-            }
-        ],
-    }
+SCENARIOS = {"kill": (MODEL, signal.SIGKILL), "hang": ("hang", signal.SIGSTOP)}
+
+
+def registry_doc(ports: dict[str, list[int]], settings: FailoverSettings) -> dict[str, Any]:
+    def model(name: str, **extra: Any) -> dict[str, Any]:
+        endpoints = [{"id": f"{name}-{i}", "url": f"http://127.0.0.1:{p}"} for i, p in enumerate(ports[name])]
+        return {"id": name, "engine": "vllm", "endpoints": endpoints, **extra}
+
+    limits = {"idle_timeout_s": settings.hang_idle_timeout_s}
+    return {"gateway": {"expose_upstream_host": True}, "models": [model(MODEL), model("hang", limits=limits)]}
+
+
+def _sim_in_flight(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/state", timeout=5) as response:
+        state = json.loads(response.read())
+    return int(state["running"]) + int(state["queue"])
+
+
+def run_scenario(stack: Any, scenario: str, ports: list[int], settings: FailoverSettings) -> FailoverRun:
+    model, sig = SCENARIOS[scenario]
+    victim = stack.simulators[f"{model}-0"]
+    envoy = stack.envoys[0]
+    url = f"{envoy.url}/v1/chat/completions"
+    result = FailoverRun(scenario, model)
+    after_s = settings.after_kill_s
+
+    async def drive() -> None:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+        ) as session:
+            await wait_routable(session, envoy.url, model)
+            # Every endpoint healthy and routable before the load starts.
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            result.kill_at = t0 + settings.warmup_s
+            result.end_at = result.kill_at + after_s
+            counter = itertools.count()
+            watcher = asyncio.create_task(
+                watch_envoy(
+                    session, envoy.admin_url, f"model_{model}", ports[0], result.end_at, result.samples
+                )
+            )
+
+            async def client() -> None:
+                while time.monotonic() < result.end_at:
+                    index = next(counter)
+                    if index >= settings.max_requests:
+                        return
+                    kind = "stream" if index % 2 else "plain"
+                    result.outcomes.append(await one(session, url, model, kind, index, settings))
+
+            async def strike() -> None:
+                await asyncio.sleep(max(0.0, result.kill_at - time.monotonic()))
+                result.counters_before = await asyncio.to_thread(
+                    envoy_counters, envoy.admin_url, f"model_{model}"
+                )
+                result.victim_in_flight = await asyncio.to_thread(_sim_in_flight, ports[0])
+                result.kill_at = time.monotonic()
+                victim.signal(sig)
+
+            await asyncio.gather(strike(), *(client() for _ in range(settings.clients)))
+            await watcher
+            result.counters_after = await asyncio.to_thread(envoy_counters, envoy.admin_url, f"model_{model}")
+
+    try:
+        asyncio.run(drive())
+    finally:
+        victim.signal(signal.SIGCONT)  # a stopped process cannot be stopped
+    return result
 
 
 def run(settings: FailoverSettings) -> SectionResult:
     started = time.monotonic()
-    ports = [free_port() for _ in range(3)]
+    ports = {model: [free_port(), free_port()] for model, _ in SCENARIOS.values()}
     sim_args = [
         "--decode-ms-per-token",
         f"{settings.decode_ms:g}",
@@ -162,57 +234,19 @@ def run(settings: FailoverSettings) -> SectionResult:
         "--max-batch",
         "64",
     ]
-    extra = {f"{MODEL}-{i}": sim_args for i in range(3)}
-    result = FailoverRun()
-    with local_stack(registry_doc(ports), sim_profile="default", sim_extra_args=extra) as stack:
-        envoy = stack.envoys[0]
-        url = f"{envoy.url}/v1/chat/completions"
-
-        async def drive() -> None:
-            async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
-            ) as session:
-                await wait_routable(session, envoy.url, MODEL)
-                # Every endpoint healthy and routable before the load starts.
-                await asyncio.sleep(0.5)
-                t0 = time.monotonic()
-                result.kill_at = t0 + settings.warmup_s
-                result.end_at = result.kill_at + settings.after_kill_s
-                counter = itertools.count()
-                watcher = asyncio.create_task(
-                    watch_envoy(session, envoy.admin_url, ports[0], result.end_at, result.samples)
-                )
-
-                async def client() -> None:
-                    while time.monotonic() < result.end_at:
-                        index = next(counter)
-                        if index >= settings.max_requests:
-                            return
-                        kind = "stream" if index % 2 else "plain"
-                        result.outcomes.append(await one(session, url, kind, index, settings))
-
-                async def killer() -> None:
-                    await asyncio.sleep(max(0.0, result.kill_at - time.monotonic()))
-                    result.counters_before = await asyncio.to_thread(
-                        envoy_counters, envoy.admin_url, f"model_{MODEL}"
-                    )
-                    result.kill_at = time.monotonic()
-                    stack.simulators[KILLED].kill()
-
-                await asyncio.gather(killer(), *(client() for _ in range(settings.clients)))
-                await watcher
-                result.counters_after = await asyncio.to_thread(
-                    envoy_counters, envoy.admin_url, f"model_{MODEL}"
-                )
-
-        asyncio.run(drive())
-    summary = summarize(result, settings)
-    markdown = render(summary, settings)
+    extra = {f"{model}-{i}": sim_args for model in ports for i in range(2)}
+    summaries = {}
+    with local_stack(registry_doc(ports, settings), sim_profile="default", sim_extra_args=extra) as stack:
+        for scenario, (model, _) in SCENARIOS.items():
+            summaries[scenario] = summarize(run_scenario(stack, scenario, ports[model], settings), settings)
+    overload = run_overload(settings.clients, settings.overload_s)
+    markdown = "\n".join(render(summaries[s], s, settings) for s in SCENARIOS)
+    markdown += "\n" + render_overload(overload, settings.clients, settings.overload_s)
     return SectionResult(
         "failover",
         "Failover under load",
         markdown,
-        {"settings": asdict(settings), "summary": summary},
+        {"settings": asdict(settings), "summary": summaries, "overload": [asdict(r) for r in overload]},
         time.monotonic() - started,
     )
 
@@ -223,7 +257,8 @@ def summarize(run_: FailoverRun, settings: FailoverSettings) -> dict[str, Any]:
     before = [o for o in outs if o.finished < kill]
     spanning = [o for o in outs if o.started < kill <= o.finished]
     after = [o for o in outs if o.started >= kill]
-    in_flight_killed = [o for o in spanning if o.endpoint == KILLED]
+    victim = f"{run_.model}-0"
+    in_flight_killed = [o for o in spanning if o.endpoint == victim]
     failures = [o for o in outs if not o.ok and o.finished >= kill]
     expected = [o for o in failures if o in in_flight_killed and o.kind == "stream"]
     unexpected = [o for o in failures if o not in expected]
@@ -261,7 +296,7 @@ def summarize(run_: FailoverRun, settings: FailoverSettings) -> dict[str, Any]:
         )
 
     counters = {
-        k.removeprefix(f"cluster.model_{MODEL}."): run_.counters_after.get(k, 0)
+        k.removeprefix(f"cluster.model_{run_.model}."): run_.counters_after.get(k, 0)
         - run_.counters_before.get(k, 0)
         for k in run_.counters_after
         if any(
@@ -275,6 +310,7 @@ def summarize(run_: FailoverRun, settings: FailoverSettings) -> dict[str, Any]:
                 ".upstream_rq_rx_reset",
                 ".upstream_cx_destroy_remote_with_active_rq",
                 ".upstream_rq_retry_overflow",
+                ".upstream_rq_per_try_idle_timeout",
                 ".retry_or_shadow_abandoned",
             )
         )
@@ -297,6 +333,9 @@ def summarize(run_: FailoverRun, settings: FailoverSettings) -> dict[str, Any]:
     latencies_after = [o.finished - o.started for o in after if o.ok and o.kind == "plain"]
     latencies_before = [o.finished - o.started for o in before if o.ok and o.kind == "plain"]
     return {
+        "scenario": run_.scenario,
+        "victim": victim,
+        "victim_in_flight": run_.victim_in_flight,
         "per_kind": per_kind,
         "failed_before_kill": sum(1 for o in before if not o.ok),
         "unexpected_failures": len(unexpected),
@@ -319,25 +358,26 @@ def _s(value: float) -> str:
     return "never" if not math.isfinite(value) else f"{value:.2f} s"
 
 
-def render(s: dict[str, Any], settings: FailoverSettings) -> str:
+def render(s: dict[str, Any], scenario: str, settings: FailoverSettings) -> str:
     p, st = s["per_kind"]["plain"], s["per_kind"]["stream"]
     c = s["envoy_counters_delta"]
-    # A non-streaming request cut on the killed endpoint is retried elsewhere: the client sees the
-    # survivor's name. Envoy counts every upstream connection lost with a request on it; the streams the
-    # client saw cut on the killed endpoint are the rest.
-    lost = c.get("upstream_cx_destroy_remote_with_active_rq", 0)
-    plain_on_killed = max(0, lost - st["failed_in_flight_on_killed"])
+    hang = scenario == "hang"
+    event = "SIGSTOP" if hang else "SIGKILL"
+    # A non-streaming request cut on the victim is retried elsewhere: the client sees the survivor's
+    # name. The victim's own count of what it held just before the signal, less the streams the client
+    # saw cut on it, is the non-streaming share.
+    plain_on_victim = max(0, s["victim_in_flight"] - st["in_flight_on_killed_at_kill"])
     rows = [
         ["requests (whole run)", p["requests_total"], st["requests_total"]],
-        ["in flight at the kill (all endpoints)", p["in_flight_at_kill"], st["in_flight_at_kill"]],
+        [f"in flight at the {event} (all endpoints)", p["in_flight_at_kill"], st["in_flight_at_kill"]],
         [
-            "… of which on the killed endpoint",
-            f"{plain_on_killed} (Envoy's counters)",
+            f"… of which on `{s['victim']}`",
+            f"{plain_on_victim} (its own count)",
             st["in_flight_on_killed_at_kill"],
         ],
-        ["**failed** (finished after the kill)", f"**{p['failed']}**", f"**{st['failed']}**"],
+        [f"**failed** (finished after the {event})", f"**{p['failed']}**", f"**{st['failed']}**"],
         [
-            "… in flight on the killed endpoint",
+            f"… in flight on `{s['victim']}`",
             p["failed_in_flight_on_killed"],
             st["failed_in_flight_on_killed"],
         ],
@@ -345,37 +385,44 @@ def render(s: dict[str, Any], settings: FailoverSettings) -> str:
     ]
     table = markdown_table(["", "non-streaming", "streaming"], rows)
     timeline = markdown_table(
-        ["after the SIGKILL", "time"],
+        [f"after the {event}", "time"],
         [
             ["last failed request (any)", _s(s["last_error_s"])],
             ["last failed request not explained by a cut stream", _s(s["last_unexpected_error_s"])],
             ["Envoy: host ejected by outlier detection", _s(s["outlier_ejected_s"])],
             ["Envoy: host UNHEALTHY from the control plane (EDS)", _s(s["eds_unhealthy_s"])],
             [
-                "Envoy: last request or connection attempt to the dead host",
-                _s(s["last_attempt_on_killed_s"]).replace("never", "none after the kill"),
+                "Envoy: last request or connection attempt to the victim",
+                _s(s["last_attempt_on_killed_s"]).replace("never", f"none after the {event}"),
             ],
         ],
         "lr",
     )
     served = ", ".join(f"{k or '?'}: {v}" for k, v in sorted(s["served_after_kill"].items()))
+    what = (
+        f"`{s['victim']}` SIGSTOPped (hung; the model's `idle_timeout_s` is "
+        f"{settings.hang_idle_timeout_s:g} s)"
+        if hang
+        else f"`{s['victim']}` SIGKILLed"
+    )
     return (
-        f"Three simulated vLLM endpoints (decode {settings.decode_ms:g} ms/token), {settings.clients} "
-        f"closed-loop clients alternating non-streaming (`max_tokens` {settings.plain_tokens}) and streaming "
-        f"(`max_tokens` {settings.stream_tokens}) chat completions; `{KILLED}` SIGKILLed after "
-        f"{settings.warmup_s:g} s, then {settings.after_kill_s:g} s more. Registry defaults for health, "
-        "retries and outlier detection.\n\n"
+        f"**{event}.** Two simulated vLLM endpoints (decode {settings.decode_ms:g} ms/token), "
+        f"{settings.clients} closed-loop clients alternating non-streaming (`max_tokens` "
+        f"{settings.plain_tokens}) and streaming (`max_tokens` {settings.stream_tokens}) chat completions; "
+        f"{what} after {settings.warmup_s:g} s, then {settings.after_kill_s:g} s more. Registry defaults "
+        "for health, retries and outlier detection.\n\n"
         + table
         + "\n\n"
         + timeline
         + "\n\n"
-        + f"Successful requests/s: {s['ok_rps_before']:.0f} before the kill, {s['ok_rps_after']:.0f} after "
-        f"(two endpoints left). Non-streaming p50 latency {s['plain_p50_before_ms']:.0f} ms before, "
+        + f"Successful requests/s: {s['ok_rps_before']:.0f} before, {s['ok_rps_after']:.0f} after (one "
+        f"endpoint left). Non-streaming p50 latency {s['plain_p50_before_ms']:.0f} ms before, "
         f"{s['plain_p50_after_ms']:.0f} ms after (p99 after: {s['plain_p99_after_ms']:.0f} ms). Requests "
-        f"started after the kill were served by: {served}. Envoy's counters over the kill: "
+        f"started after the {event} were served by: {served}. Envoy's counters over it: "
         f"{c.get('upstream_rq_retry', 0)} retries ({c.get('upstream_rq_retry_success', 0)} succeeded), "
+        f"{c.get('upstream_rq_retry_overflow', 0)} refused by the retry budget, "
+        f"{c.get('upstream_rq_per_try_idle_timeout', 0)} tries cut by the per-try idle timeout, "
         f"{c.get('upstream_cx_connect_fail', 0)} connect failures, "
         f"{c.get('upstream_cx_destroy_remote_with_active_rq', 0)} upstream connections lost with a request "
-        f"on them, {c.get('outlier_detection.ejections_enforced_total', 0)} outlier ejections, "
-        f"{c.get('upstream_rq_retry_overflow', 0)} retries refused by the budget.\n"
+        f"on them, {c.get('outlier_detection.ejections_enforced_total', 0)} outlier ejections.\n"
     )

@@ -1,19 +1,23 @@
 """The LLM summary of a locust run and its comparison with the seeds' claims.
 
-Works from locust's live statistics (the locustfile prints it when the test stops) or from the CSV that
-``--csv PREFIX`` writes, so a finished run can be read again:
+The LLM samples (TTFT, ITL, ...) are not requests: the locustfile keeps them in statistics of their own,
+apart from locust's, so the request rate, response times, totals and charts of locust's report, CSV and
+console count only the real requests. This module renders them: the summary the locustfile prints when
+the test stops, ``PREFIX_llm_stats.csv`` (locust's CSV columns), and a section added to the end of the
+``--html`` report. A finished run can be read again from the CSV:
 
-    python -m loadtest.locust_report loadtest/results/run_stats.csv [--seeds] [--users 50]
+    python -m loadtest.locust_report loadtest/results/run_llm_stats.csv [--seeds] [--users 50]
 
-Entries it reads (see ``loadtest/locustfile.py``): ``E2E`` per model and ``E2E / all models`` (every
-chat request, streamed or not: end-to-end latency), ``TTFT``, ``ITL``, ``TPOT`` and ``TOKENS/S`` per
-model. The peak user count comes from ``PREFIX_stats_history.csv`` next to the stats CSV, or ``--users``.
+Entries (see ``loadtest/locustfile.py``): ``E2E`` per model and ``E2E / all models`` (every chat request,
+streamed or not: end-to-end latency), ``TTFT``, ``ITL``, ``TPOT`` and ``TOKENS/S`` per model. The peak
+user count comes from locust's ``PREFIX_stats_history.csv`` next to it, or ``--users``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import html
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +34,21 @@ if TYPE_CHECKING:
 E2E_TYPE, E2E_NAME = "E2E", "all models"
 TTFT_TYPE, ITL_TYPE, TPOT_TYPE, TPS_TYPE = "TTFT", "ITL", "TPOT", "TOKENS/S"
 TPS_SUFFIX = " (tok/s, not ms)"
+LLM_CSV_SUFFIX = "_llm_stats.csv"
+HTML_SECTION_ID = "llm-metrics"
+CSV_COLUMNS = (
+    "Type",
+    "Name",
+    "Request Count",
+    "Failure Count",
+    "Requests/s",
+    "Failures/s",
+    "Average Response Time",
+    "50%",
+    "95%",
+    "99%",
+    "Average Content Size",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +122,7 @@ def rows_from_csv(path: Path) -> list[Row]:
     with path.open(newline="") as handle:
         for record in csv.DictReader(handle):
             if record.get("Name") == "Aggregated":
-                continue  # mixes ms with tokens/s once custom entries exist: meaningless here
+                continue  # not an LLM entry (older runs kept these samples among locust's requests)
             requests = int(_number(record.get("Request Count")) or 0)
             rows.append(
                 Row(
@@ -123,9 +142,66 @@ def rows_from_csv(path: Path) -> list[Row]:
     return rows
 
 
+def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    """The LLM entries in locust's CSV columns (``PREFIX_llm_stats.csv``), readable by rows_from_csv."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for r in rows:
+            size = r.total_length / r.requests if r.requests else 0.0
+            values = (r.rps, r.fail_rps, r.avg, r.p50, r.p95, r.p99, size)
+            writer.writerow([r.type, r.name, r.requests, r.failures, *(f"{v:.6g}" for v in values)])
+
+
+def llm_csv_path(stats_csv: Path) -> Path:
+    """``PREFIX_llm_stats.csv`` for locust's ``PREFIX_stats.csv`` (or itself)."""
+    if stats_csv.name.endswith(LLM_CSV_SUFFIX):
+        return stats_csv
+    return stats_csv.with_name(stats_csv.name.removesuffix("_stats.csv") + LLM_CSV_SUFFIX)
+
+
+def html_section(rows: Sequence[Row], summary: str) -> str:
+    """The LLM samples as a section of locust's HTML report, below (and apart from) its own tables."""
+    cells = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(str(v))}</td>"
+            for v in (r.type, r.name, r.requests, r.failures, _ms(r.avg), _ms(r.p50), _ms(r.p95), _ms(r.p99))
+        )
+        + "</tr>"
+        for r in sorted(rows, key=lambda r: (r.type, r.name))
+    )
+    head = "".join(
+        f"<th>{h}</th>" for h in ("type", "name", "samples", "failures", "avg", "P50", "P95", "P99")
+    )
+    return (
+        f'<section id="{HTML_SECTION_ID}" style="font-family:sans-serif;margin:2em">'
+        "<h2>LLM metrics</h2><p>Samples taken by the clients (ms, except TOKENS/S), kept apart from the "
+        "requests: the statistics and charts above count only real HTTP requests.</p>"
+        f'<table border="1" cellpadding="4" style="border-collapse:collapse"><tr>{head}</tr>{cells}</table>'
+        f"<pre>{html.escape(summary)}</pre></section>"
+    )
+
+
+def add_section_to_html(path: Path, section: str) -> bool:
+    """Put ``section`` at the end of the body of locust's HTML report (once); False if there is none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return False
+    if f'id="{HTML_SECTION_ID}"' in text:
+        return True
+    at = text.rfind("</body>")
+    text = text[:at] + section + "\n" + text[at:] if at >= 0 else text + section
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
 def peak_users_from_history(stats_csv: Path) -> int | None:
-    """The largest ``User Count`` of ``PREFIX_stats_history.csv`` next to ``PREFIX_stats.csv``."""
-    history = stats_csv.with_name(stats_csv.name.replace("_stats.csv", "_stats_history.csv"))
+    """The largest ``User Count`` of ``PREFIX_stats_history.csv`` next to ``PREFIX_(llm_)stats.csv``."""
+    name = stats_csv.name.replace(LLM_CSV_SUFFIX, "_stats.csv")
+    history = stats_csv.with_name(name.replace("_stats.csv", "_stats_history.csv"))
     if history == stats_csv or not history.exists():
         return None
     peak = 0
@@ -257,28 +333,29 @@ def render(rows: Sequence[Row], users: int | None, *, seeds: bool, title: str = 
         "",
         f"QPS counts successful requests over the run; TTFT/ITL/TPOT come from streamed requests only. "
         f"{precision}, rounded to 2 significant digits (10 ms steps from 100 ms, 100 ms steps from 1 s). "
-        "Locust's 'Aggregated' row mixes these entries and means nothing here.",
+        "These samples are kept apart from locust's requests (PREFIX_llm_stats.csv).",
     ]
     return "\n".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("stats_csv", type=Path, help="PREFIX_stats.csv written by locust --csv PREFIX")
+    parser.add_argument(
+        "stats_csv", type=Path, help="PREFIX_llm_stats.csv (or locust's PREFIX_stats.csv next to it)"
+    )
     parser.add_argument("--seeds", action="store_true", help="add the comparison with the seeds' claims")
     parser.add_argument("--users", type=int, default=None, help="peak users (default: from the history CSV)")
     args = parser.parse_args(argv)
-    if not args.stats_csv.exists():
-        print(f"error: {args.stats_csv} does not exist", file=sys.stderr)
+    path = llm_csv_path(args.stats_csv)
+    if not path.exists():
+        print(f"error: {path} does not exist", file=sys.stderr)
         return 2
-    rows = rows_from_csv(args.stats_csv)
+    rows = rows_from_csv(path)
     if _find(rows, E2E_TYPE, E2E_NAME) is None:
-        print(
-            f"error: {args.stats_csv} has no '{E2E_TYPE} {E2E_NAME}' row: not a run of loadtest/locustfile.py"
-        )
+        print(f"error: {path} has no '{E2E_TYPE} {E2E_NAME}' row: not a run of loadtest/locustfile.py")
         return 2
     users = args.users if args.users is not None else peak_users_from_history(args.stats_csv)
-    print(render(rows, users, seeds=args.seeds, title=f"LLM load test summary of {args.stats_csv}"))
+    print(render(rows, users, seeds=args.seeds, title=f"LLM load test summary of {path}"))
     return 0
 
 

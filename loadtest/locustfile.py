@@ -20,9 +20,11 @@ Scenarios: ``mixed`` (default): lognormal prompts (median 200 tokens), max_token
 streamed, closed loop. ``seeds``: the seeds' claim (P99 < 1.5 s at 128 new tokens, 8-12 QPS on two
 models, 50+ concurrent): max_tokens 128 and one request per user every 5 s; run it with ``-u 50``.
 
-Entries in locust's statistics, CSV and HTML report, next to locust's own
-``POST /v1/chat/completions [model(, stream)]`` rows (whose response time is the whole request, the
-stream included):
+Locust's statistics, CSV, charts and HTML report hold only the real requests,
+``POST /v1/chat/completions [model(, stream)]`` (whose response time is the whole request, the stream
+included). The LLM samples are kept apart, in statistics of their own (so they never inflate the request
+rate, response times or totals), written to ``PREFIX_llm_stats.csv`` and added as a section at the end
+of the ``--html`` report:
 
   E2E      <model> and "all models": end-to-end time of every chat request (failures included)
   TTFT     <model>: time to the first content chunk of a streamed request
@@ -31,10 +33,9 @@ stream included):
   TOKENS/S <model> (tok/s, not ms): output tokens / end-to-end seconds per request; the "response time"
            column carries tokens/s and the content size column the output tokens
 
-Custom entries carry their value in locust's response-time field (ms, except TOKENS/S); ignore the
-"Aggregated" row, which mixes them. When the test stops, a summary table (and with ``--scenario seeds``
-the comparison with the seeds' claims) is printed and, with ``--csv PREFIX``, written to
-``PREFIX_llm_summary.md``.
+Each entry carries its value where locust puts a response time (ms, except TOKENS/S). When the test
+stops, a summary table (and with ``--scenario seeds`` the comparison with the seeds' claims) is printed
+and, with ``--csv PREFIX``, written to ``PREFIX_llm_summary.md``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from locust import FastHttpUser, events, task  # noqa: E402
 from locust.contrib.fasthttp import FAILURE_EXCEPTIONS  # noqa: E402
 from locust.env import Environment  # noqa: E402
 from locust.runners import WorkerRunner  # noqa: E402
+from locust.stats import RequestStats, StatsEntry, StatsError  # noqa: E402
 
 from loadtest.locust_llm import (  # noqa: E402
     CHAT_PATH,
@@ -73,12 +75,16 @@ from loadtest.locust_report import (  # noqa: E402
     E2E_NAME,
     E2E_TYPE,
     ITL_TYPE,
+    LLM_CSV_SUFFIX,
     TPOT_TYPE,
     TPS_SUFFIX,
     TPS_TYPE,
     TTFT_TYPE,
+    add_section_to_html,
+    html_section,
     render,
     rows_from_stats,
+    write_csv,
 )
 
 log = logging.getLogger("loadtest")
@@ -90,6 +96,11 @@ _PEAK_USERS = 0
 _E2E_SAMPLES: dict[tuple[str, str], list[float]] = {}
 """Every end-to-end time (ms) of this process, for exact percentiles in the summary (locust rounds)."""
 _MAX_SAMPLES = 2_000_000
+LLM_STATS = RequestStats(use_response_times_cache=False)
+"""The LLM samples: locust's statistics machinery, but not locust's statistics (environment.stats), whose
+totals, request rate and charts must count only real requests."""
+_HTML_SECTION = ""
+"""Rendered when the test stops; added to the HTML report once locust has written it (``quitting``)."""
 
 
 @events.init_command_line_parser.add_listener
@@ -131,9 +142,32 @@ def _on_init(environment: Environment, **_: Any) -> None:
 
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_: Any) -> None:
-    global _PEAK_USERS
+    global _PEAK_USERS, _HTML_SECTION
     _PEAK_USERS = 0
+    _HTML_SECTION = ""
     _E2E_SAMPLES.clear()
+    LLM_STATS.reset_all()
+
+
+@events.report_to_master.add_listener
+def _send_llm_stats(client_id: str, data: dict[str, Any]) -> None:
+    """A worker ships its LLM samples with each report, as locust does its request statistics."""
+    data["llm_stats"] = LLM_STATS.serialize_stats()
+    data["llm_errors"] = LLM_STATS.serialize_errors()
+    LLM_STATS.errors = {}
+
+
+@events.worker_report.add_listener
+def _merge_llm_stats(client_id: str, data: dict[str, Any]) -> None:
+    """The master adds up its workers' LLM samples (as locust's own distributed statistics do)."""
+    for serialized in data.get("llm_stats", ()):
+        entry = StatsEntry.unserialize(serialized, LLM_STATS)
+        LLM_STATS.get(entry.name, entry.method).extend(entry)
+    for key, error in data.get("llm_errors", {}).items():
+        if key in LLM_STATS.errors:
+            LLM_STATS.errors[key].occurrences += error["occurrences"]
+        else:
+            LLM_STATS.errors[key] = StatsError.unserialize(error)
 
 
 @events.spawning_complete.add_listener
@@ -147,18 +181,29 @@ def _on_test_stop(environment: Environment, **_: Any) -> None:
     runner = environment.runner
     if runner is None or isinstance(runner, WorkerRunner):
         return  # with --processes / workers, the master has the statistics and prints the summary
-    if environment.stats.get(E2E_NAME, E2E_TYPE).num_requests == 0:
+    global _HTML_SECTION
+    if LLM_STATS.get(E2E_NAME, E2E_TYPE).num_requests == 0:
         return
     users = max(_PEAK_USERS, runner.user_count) or None
     title = f"LLM load test summary ({SETTINGS.describe()}; peak users {users})"
-    rows = rows_from_stats(environment.stats, _E2E_SAMPLES)
+    rows = rows_from_stats(LLM_STATS, _E2E_SAMPLES)
     text = render(rows, users, seeds=SETTINGS.scenario == "seeds", title=title)
     print("\n" + text + "\n", flush=True)
+    _HTML_SECTION = html_section(rows, text)
     prefix = getattr(environment.parsed_options, "csv_prefix", None)
     if prefix:
         path = Path(f"{prefix}_llm_summary.md")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
+        write_csv(Path(f"{prefix}{LLM_CSV_SUFFIX}"), rows)
+
+
+@events.quitting.add_listener
+def _on_quitting(environment: Environment, **_: Any) -> None:
+    """Locust writes the --html report after the test stops, before it quits: add the LLM section."""
+    html_file = getattr(environment.parsed_options, "html_file", None)
+    if _HTML_SECTION and html_file and not add_section_to_html(Path(html_file), _HTML_SECTION):
+        log.warning("could not add the LLM metrics to %s", html_file)
 
 
 class ChatUser(FastHttpUser):
@@ -260,14 +305,12 @@ class ChatUser(FastHttpUser):
 
     # ------------------------------------------------------------------ custom entries
     def _metric(self, kind: str, name: str, value: float, length: int = 0, problem: str = "") -> None:
-        self.environment.events.request.fire(
-            request_type=kind,
-            name=name,
-            response_time=value,
-            response_length=length,
-            exception=problem or None,  # a string: locust shows it as the failure message
-            context={},
-        )
+        # Not a locust request event: that would count each sample as a request in locust's totals,
+        # request rate and charts (a streamed answer gives dozens of ITL samples).
+        # A float, as locust's own request events pass (its annotation says int): averages stay exact.
+        LLM_STATS.log_request(kind, name, value, length)  # type: ignore[arg-type]
+        if problem:
+            LLM_STATS.log_error(kind, name, problem)
 
     def _report(
         self, model: str, elapsed_ms: float, problem: str, tokens: int, meter: StreamMeter | None

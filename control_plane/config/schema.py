@@ -6,6 +6,7 @@ instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from enum import StrEnum
 from functools import cached_property
@@ -14,10 +15,59 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Model ids travel in JSON bodies, headers and Envoy metadata; keep them printable and bounded.
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
-_ENDPOINT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Names travel into Envoy config (route matches, metadata, header values) and admin URL paths. Every
+# rule is applied with `fullmatch`: `match` with `$` also accepts a trailing "\n", and one such name
+# made Envoy reject every later route update.
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+_ENDPOINT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")
+# Free text that reaches a response body or a probe's comparison: any character but control ones.
+_TEXT = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")
 _UNFIT_IN_ID = re.compile(r"[^A-Za-z0-9._-]")
+_MODEL_ID_RULE = "1-200 characters: letters, digits and . _ : / @ + - (no spaces or control characters)"
+_ENDPOINT_ID_RULE = "1-100 characters of letters, digits, '.', '_' or '-'"
+
+
+def check_model_name(value: str) -> str:
+    """A model id or alias, or ValueError saying the rule."""
+    if not isinstance(value, str) or not _MODEL_ID.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid model name: {_MODEL_ID_RULE}")
+    return value
+
+
+def check_endpoint_id(value: str) -> str:
+    if not isinstance(value, str) or not _ENDPOINT_ID.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid endpoint id: {_ENDPOINT_ID_RULE}")
+    return value
+
+
+def default_endpoint_id(model_id: str, index: int) -> str:
+    """`<model id>-<index>`, with characters unfit for an endpoint id (the `/` of `org/model`) as `-`."""
+    return _UNFIT_IN_ID.sub("-", f"{model_id}-{index}")[-100:].lstrip("-._") or f"endpoint-{index}"
+
+
+def _check_text(value: str) -> str:
+    if not _TEXT.fullmatch(value):
+        raise ValueError("must be 1-200 characters without control characters")
+    return value
+
+
+def _check_url_text(value: str) -> str:
+    # urlsplit silently drops tabs and newlines, so they must be refused before it parses the URL.
+    if any(ch.isspace() or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in value):
+        raise ValueError("must not contain spaces or control characters")
+    return value
+
+
+def _owned_cluster_fields() -> dict[str, str]:
+    """Cluster fields the gateway sets itself, under both spellings the JSON parser accepts: the
+    cluster's name (routes and metrics use it), how it finds its endpoints (EDS, which the snapshot's
+    consistency check and every health or drain change rely on)."""
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    fields = cluster_pb2.Cluster.DESCRIPTOR.fields_by_name
+    owned = ("name", "alt_stat_name", "type", "cluster_type", "eds_cluster_config", "load_assignment")
+    return {spelling: name for name in owned for spelling in (name, fields[name].json_name)}
 
 
 class EngineKind(StrEnum):
@@ -50,13 +100,19 @@ class EndpointConfig(_Frozen):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str | None) -> str | None:
-        if value is not None and not _ENDPOINT_ID.match(value):
-            raise ValueError("must be 1-100 characters of letters, digits, '.', '_' or '-'")
+        if value is not None and not _ENDPOINT_ID.fullmatch(value):
+            raise ValueError(f"must be {_ENDPOINT_ID_RULE}")
         return value
+
+    @field_validator("gpu_metrics_url")
+    @classmethod
+    def _check_gpu_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url_text(value)
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
+        _check_url_text(value)
         parts = urlsplit(value)
         if parts.scheme == "https":
             raise ValueError("https:// model servers are not supported yet; use http:// on a trusted network")
@@ -126,6 +182,16 @@ class Alerting(_Frozen):
         description="Alerts allowed to drain the endpoint they name (label `endpoint`) while they fire.",
     )
 
+    @field_validator("auto_drain")
+    @classmethod
+    def _known_alerts(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        from control_plane.alerts.known import unknown_alert_problem  # imports the rules' loader
+
+        problems = [p for p in map(unknown_alert_problem, names) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return names
+
 
 class ModelLimits(_Frozen):
     """Per-model limits, enforced by Envoy's circuit breakers and route timeouts."""
@@ -141,14 +207,47 @@ class ModelLimits(_Frozen):
     connect_timeout_s: PositiveSeconds = 2.0
 
 
+RetriableStatus = Annotated[int, Field(ge=500, le=599)]
+
+
 class RetryPolicy(_Frozen):
-    """Retries on another host, only where no byte has reached the client yet."""
+    """Retries on another replica, only where no byte has reached the client yet, and only for causes that
+    say a replica failed (refused or broken connection, a try gone silent), never for those that say the
+    fleet is full (an engine's 429 or 503, the circuit breaker), which a retry would only multiply.
+    See docs/operations.md, "When a replica fails"."""
 
     attempts: int = Field(default=2, ge=0, le=10, description="Retries after the first try.")
+    timeout_retries: int = Field(
+        default=1,
+        ge=0,
+        le=10,
+        description="Of those, how many may follow a try that stayed silent for `limits.idle_timeout_s` "
+        "(a hung replica; on a merely slow fleet each one adds a request, hence its own bound). "
+        "0 = a silent try ends the request with 504.",
+    )
     budget_percent: float = Field(
-        default=20.0, ge=0, le=100, description="Retries may be at most this share of active requests."
+        default=100.0,
+        ge=0,
+        le=100,
+        description="Retries in progress at once may be at most this share of the active requests. 100 lets "
+        "every request in flight on one of two replicas be retried when it dies (N replicas need "
+        "100/(N-1)); the circuit breaker (limits.max_concurrent_requests) still caps retries and first "
+        "tries together.",
     )
     min_retry_concurrency: int = Field(default=3, ge=0, le=10_000)
+    retriable_status_codes: tuple[RetriableStatus, ...] = Field(
+        default=(),
+        description="Model-server answers retried on another replica. None by default: engines answer 429 "
+        "or 503 when they are full, and retrying those multiplies load on a saturated fleet.",
+    )
+
+    @model_validator(mode="after")
+    def _timeout_retries_within_attempts(self) -> RetryPolicy:
+        if self.timeout_retries > self.attempts:
+            raise ValueError(
+                f"timeout_retries ({self.timeout_retries}) cannot exceed attempts ({self.attempts})"
+            )
+        return self
 
 
 class OutlierDetection(_Frozen):
@@ -189,23 +288,36 @@ class ModelConfig(_Frozen):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
-        if not _MODEL_ID.match(value):
-            raise ValueError("must be 1-200 characters: letters, digits and . _ : / @ + - (no spaces)")
+        if not _MODEL_ID.fullmatch(value):
+            raise ValueError(f"must be {_MODEL_ID_RULE}")
         return value
 
     @field_validator("aliases")
     @classmethod
     def _check_aliases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for alias in value:
-            if not _MODEL_ID.match(alias):
-                raise ValueError(
-                    f"alias {alias!r} must be 1-200 characters: letters, digits and . _ : / @ + -"
-                )
+            if not _MODEL_ID.fullmatch(alias):
+                raise ValueError(f"alias {alias!r} must be {_MODEL_ID_RULE}")
         return value
+
+    @field_validator("owned_by", "served_model")
+    @classmethod
+    def _check_texts(cls, value: str | None) -> str | None:
+        return None if value is None else _check_text(value)
 
     @field_validator("cluster_overrides")
     @classmethod
     def _check_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = _owned_cluster_fields()
+        taken = [key for key in value if key in owned]
+        if taken:
+            raise ValueError(
+                "; ".join(
+                    f"cluster_overrides.{key}: set by the gateway (the cluster's name and its EDS "
+                    "endpoints are what routes, health and drains rely on), it cannot be overridden"
+                    for key in taken
+                )
+            )
         # Parse now so that a typo fails the load with its path; Envoy still validates the values.
         from envoy.config.cluster.v3 import cluster_pb2
         from google.protobuf import json_format
@@ -226,7 +338,7 @@ class ModelConfig(_Frozen):
         endpoint = self.endpoints[index]
         if endpoint.id is not None:
             return endpoint.id
-        return _UNFIT_IN_ID.sub("-", f"{self.id}-{index}")[-100:].lstrip("-._") or f"endpoint-{index}"
+        return default_endpoint_id(self.id, index)
 
     def serves(self, reported: str) -> bool:
         """Whether a model name reported by an engine is this model."""
@@ -236,6 +348,23 @@ class ModelConfig(_Frozen):
     def names(self) -> tuple[str, ...]:
         """Every name a client may use for this model: its id first, then its aliases."""
         return (self.id, *self.aliases)
+
+
+class AccessLogSettings(_Frozen):
+    """Envoy's access log: one line per request to a file, and Envoy's own error replies to the control
+    plane (per-model error counts). See docs/operations.md."""
+
+    path: str | None = Field(
+        default=None,
+        description="File each Envoy appends its access log to (absolute path); none: no file. An Envoy's "
+        "node metadata `access_log_path` overrides it.",
+    )
+    format: Literal["json", "text"] = Field(default="json", description="json: one JSON object per line.")
+    count_local_replies: bool = Field(
+        default=True,
+        description="Stream the errors Envoy answers itself to the control plane (gRPC access log "
+        "service), which counts them per model and code (llm_gateway_local_replies_total).",
+    )
 
 
 class GatewaySettings(_Frozen):
@@ -248,10 +377,41 @@ class GatewaySettings(_Frozen):
         description="Add an x-served-by response header with the upstream host:port. It reveals internal "
         "addresses, so it is off unless asked for.",
     )
-    model_header: str = Field(default="x-model-id", pattern=r"^[a-z0-9-]+$")
+    model_header: str = Field(default="x-model-id", description="Lower-case header naming the model.")
+    request_receive_timeout_s: OptionalSeconds = Field(
+        default=10,
+        description="Longest time to receive a whole request (headers and body) before Envoy answers 408; "
+        "it ends when the request is in, so it never cuts a long generation. 0 = none.",
+    )
+    request_headers_timeout_s: PositiveSeconds = Field(
+        default=5, description="Longest time to receive a request's headers before Envoy answers 408."
+    )
+    access_log: AccessLogSettings = AccessLogSettings()
+
+    @field_validator("model_header")
+    @classmethod
+    def _check_model_header(cls, value: str) -> str:
+        if not _HEADER_NAME.fullmatch(value):
+            raise ValueError("must be a lower-case header name: letters a-z, digits and '-'")
+        return value
+
+    @field_validator("listen_address")
+    @classmethod
+    def _check_listen_address(cls, value: str) -> str:
+        # Envoy's listener takes an IP literal; anything else would be refused by every Envoy.
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("must be an IPv4 or IPv6 address, e.g. 127.0.0.1 or 0.0.0.0") from None
+        return value
 
 
 class Registry(_Frozen):
+    allow_empty: bool = Field(
+        default=False,
+        description="Accept a registry without models (every request would get 404). Without it a file "
+        "with no model is refused, at start and on reload.",
+    )
     gateway: GatewaySettings = GatewaySettings()
     health: HealthCheck = HealthCheck()
     telemetry: Telemetry = Telemetry()

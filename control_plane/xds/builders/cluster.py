@@ -30,6 +30,13 @@ def _circuit_breakers(model: ModelState) -> circuit_breaker_pb2.CircuitBreakers:
                 max_connections=uint32(limits.max_concurrent_requests),
                 max_requests=uint32(limits.max_concurrent_requests),
                 max_pending_requests=uint32(limits.max_pending_requests),
+                # Retries in progress at once, as a share of active + pending requests. When one of N
+                # replicas dies, its 1/N of the requests in flight all need a retry at the same moment,
+                # against the (N-1)/N still active: 100/(N-1) %. Envoy's default (20 %, at least 3) let
+                # 11 of 16 be lost with two replicas. The default of 100 % covers any N >= 2 without
+                # tying the cluster (CDS) to the endpoint count; it cannot raise load past the limits
+                # above, since every retry is an active request counted against max_requests, and the
+                # causes that mean "full" are not retried at all (route.py, _retry_policy).
                 retry_budget=circuit_breaker_pb2.CircuitBreakers.Thresholds.RetryBudget(
                     budget_percent=percent_pb2.Percent(value=retry.budget_percent),
                     min_retry_concurrency=uint32(retry.min_retry_concurrency),

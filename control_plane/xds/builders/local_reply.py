@@ -19,6 +19,10 @@ from control_plane.xds.builders._common import struct, uint32
 
 MODEL = "%DYNAMIC_METADATA(gateway:model)%"
 BODY = "%LOCAL_REPLY_BODY%"
+# Response header naming the error code of every reply Envoy makes itself (the body's `error.code`).
+ERROR_CODE_HEADER = "x-gateway-error-code"
+# The code of a reply no rule matched (the default body format below).
+FALLBACK_CODE = "gateway_error"
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,40 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
             f"No healthy endpoint is available for the model `{MODEL}`. Retry later.",
             flags=("UH",),
         ),
+        # Upstream failures, each by its cause. A failure whose retry the retry budget refused carries
+        # UO (overflow) next to its cause's flag, so the causes come first and model_overloaded is left
+        # with the circuit breaker alone (max_requests / max_pending_requests full: UO and nothing else).
+        # A final failure after retries also carries URX (retry limit exceeded) next to its cause's flag.
+        ReplyRule(
+            "timeout_error",
+            "upstream_timeout",
+            f"The model server for `{MODEL}` did not answer in time.",
+            flags=("UT",),  # request_timeout_s, or the last try cut by the per-try idle timeout
+            new_status=504,
+        ),
+        ReplyRule(
+            "timeout_error",
+            "upstream_timeout",
+            f"The model server for `{MODEL}` did not answer in time.",
+            flags=("SI",),  # the route's idle timeout after a whole request; a 408 SI is the client's
+            status=504,
+        ),
+        ReplyRule(
+            "server_error",
+            "upstream_reset",
+            f"The connection to the model server for `{MODEL}` broke before it answered. Retry later.",
+            # UC: connection terminated (a killed replica); UR: reset by the server; LR: reset here
+            # (e.g. the server half-closed early); UPE: a broken HTTP answer (502).
+            flags=("UC", "UR", "LR", "UPE"),
+        ),
+        ReplyRule(
+            "server_error",
+            "upstream_unavailable",
+            f"The model server for `{MODEL}` could not be reached. Retry later.",
+            # UF: connection failed (refused, connect timeout); NC: no cluster (yet) for the model;
+            # URX alone would be a retry limit with no cause flag: still "could not be reached".
+            flags=("UF", "NC", "URX"),
+        ),
         ReplyRule(
             "server_error",
             "model_overloaded",
@@ -70,24 +108,31 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
             headers=(("retry-after", "1"),),
         ),
         ReplyRule(
-            "timeout_error",
-            "upstream_timeout",
-            f"The model server for `{MODEL}` did not answer in time.",
-            flags=("UT", "SI"),
-            new_status=504,
-        ),
-        ReplyRule(
-            "server_error",
-            "upstream_unavailable",
-            f"The model server for `{MODEL}` could not be reached.",
-            flags=("UF", "URX", "UC", "UR", "NC"),
-        ),
-        ReplyRule(
             "invalid_request_error",
             "request_too_large",
             f"The request body is larger than the gateway's limit of "
             f"{settings.max_request_body_bytes} bytes.",
             status=413,
+        ),
+        ReplyRule("invalid_request_error", "method_not_allowed", BODY, status=405),
+        # Envoy refuses CONNECT itself (no upgrade is configured) with a bare 403: say what it is.
+        ReplyRule(
+            "invalid_request_error",
+            "method_not_allowed",
+            "CONNECT is not supported: the gateway serves GET /v1/models and POST inference paths.",
+            status=403,
+            new_status=405,
+            headers=(("allow", "GET, POST"),),
+        ),
+        # A client too slow to send its headers or whole request (after a stream-idle SI above, this is
+        # Envoy's request_headers_timeout / request_timeout, which stop once the request is in).
+        ReplyRule(
+            "invalid_request_error",
+            "request_timeout",
+            f"The gateway did not receive the whole request in time (headers within "
+            f"{settings.request_headers_timeout_s:g} s, the whole request within "
+            f"{settings.request_receive_timeout_s:g} s).",
+            status=408,
         ),
         ReplyRule("invalid_request_error", "not_found", BODY, status=404),
         ReplyRule("invalid_request_error", "invalid_request", BODY, status=400),
@@ -142,6 +187,12 @@ def _filter(rule: ReplyRule) -> accesslog_pb2.AccessLogFilter:
     return accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=parts))
 
 
+def _headers(rule: ReplyRule) -> tuple[tuple[str, str], ...]:
+    # The error code also goes out as a header: the access logs read it from there (access_log.py), so the
+    # code logged and counted per model is the one the client got, decided once, by this table.
+    return ((ERROR_CODE_HEADER, rule.code), *rule.headers) if rule.code else rule.headers
+
+
 def build_local_reply_config(settings: GatewaySettings) -> hcm.LocalReplyConfig:
     mappers = [
         hcm.ResponseMapper(
@@ -153,9 +204,9 @@ def build_local_reply_config(settings: GatewaySettings) -> hcm.LocalReplyConfig:
                     header=base_pb2.HeaderValue(key=k, value=v),
                     append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
                 )
-                for k, v in rule.headers
+                for k, v in _headers(rule)
             ],
         )
         for rule in reply_rules(settings)
     ]
-    return hcm.LocalReplyConfig(mappers=mappers, body_format=_format("server_error", "gateway_error", BODY))
+    return hcm.LocalReplyConfig(mappers=mappers, body_format=_format("server_error", FALLBACK_CODE, BODY))

@@ -1,13 +1,16 @@
 """Gateway state → the RouteConfiguration that maps each model name to its cluster.
 
 Route order is the contract (first match wins):
-1. `GET /v1/models`, `/v1/models/{name}`, `GET /health`: answered by Envoy itself.
-2. a path outside the inference API allow-list: 404 (engines' admin paths are never exposed).
-3. a body that is not JSON: 400; no model at all: 400.
-4. one route per model name (id and aliases) matching the `model` metadata; a disabled model answers 503.
-5. any other string `model`: 404; a `model` of another type: 400.
+1. `CONNECT`: 405 (Envoy itself refuses it first, see local_reply.py; the route is a backstop).
+2. `GET /v1/models`, `/v1/models/{name}`, `GET /health`: answered by Envoy itself; any other method on
+   them: 405 with `allow: GET`.
+3. a path outside the inference API allow-list: 404 (engines' admin paths are never exposed).
+4. any method but POST on an inference path: 405 with `allow: POST`.
+5. a body that is not JSON: 400; no model at all: 400.
+6. one route per model name (id and aliases) matching the `model` metadata; a disabled model answers 503.
+7. any other string `model`: 404; a `model` of another type: 400.
 Envoy walks this list in order, twice per request (before and after the body sets the model), so what
-can be decided without the model list comes first.
+can be decided without the model list comes first, and each method check is one route, not one per model.
 
 The `model` metadata comes from the JSON body (json_to_metadata), else from the model header
 (header_to_metadata); the body wins when both are given, see `listener.py`.
@@ -70,11 +73,26 @@ def _direct(name: str, match: rc.RouteMatch, status: int, body: str) -> rc.Route
     )
 
 
-def _get(path: str) -> rc.RouteMatch:
-    return rc.RouteMatch(
-        path=path,
-        headers=[rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact="GET"))],
+def _method_is(method: str, invert: bool = False) -> rc.HeaderMatcher:
+    return rc.HeaderMatcher(
+        name=":method", string_match=string_pb2.StringMatcher(exact=method), invert_match=invert
     )
+
+
+def _get(path: str) -> rc.RouteMatch:
+    return rc.RouteMatch(path=path, headers=[_method_is("GET")])
+
+
+def _not_allowed(name: str, match: rc.RouteMatch, allow: str) -> rc.Route:
+    """405 with the `allow` header RFC 9110 asks for; the JSON body comes from the local reply mapper."""
+    route = _direct(name, match, 405, f"This path accepts only {allow} (see the `allow` header).")
+    route.response_headers_to_add.append(
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="allow", value=allow),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    )
+    return route
 
 
 def _model_object(model: ModelState) -> dict[str, object]:
@@ -93,25 +111,46 @@ def models_list_body(state: GatewayState) -> str:
 
 
 def _retry_policy(model: ModelState) -> rc.RetryPolicy:
+    retry = model.config.retry
     previous_hosts = any_pb2.Any()
     previous_hosts.Pack(previous_hosts_pb2.PreviousHostsPredicate())
-    return rc.RetryPolicy(
+    # Only causes that say a replica failed. `reset` covers a connection broken mid-request (a killed
+    # replica) and a try cut by the per-try idle timeout (a hung one). Never an engine's 429/503 (unless
+    # the registry asks): that is how an engine says it is full, and a retry would add load to a fleet
+    # that is already saturated. Envoy never retries a circuit-breaker overflow itself.
+    conditions = ["connect-failure", "refused-stream", "reset"]
+    if retry.retriable_status_codes:
+        conditions.append("retriable-status-codes")
+    policy = rc.RetryPolicy(
         # Envoy never retries once a response byte went downstream, so each of these is safe for a
         # generation: the client sees one answer, at worst the backend did some work twice.
-        retry_on="connect-failure,refused-stream,reset,retriable-status-codes",
-        retriable_status_codes=[503],
-        num_retries=uint32(model.config.retry.attempts),
+        retry_on=",".join(conditions),
+        retriable_status_codes=list(retry.retriable_status_codes),
+        num_retries=uint32(retry.attempts),
         retry_host_predicate=[
             rc.RetryPolicy.RetryHostPredicate(
                 name="envoy.retry_host_predicates.previous_hosts", typed_config=previous_hosts
             )
         ],
         host_selection_retry_max_attempts=3,
-        # A replica that accepted the request and went silent is given up for another one (before any
-        # byte reached the client); the route's idle timeout still bounds the whole exchange.
-        per_try_idle_timeout=seconds(model.config.limits.idle_timeout_s),
         retry_back_off=rc.RetryPolicy.RetryBackOff(base_interval=seconds(0.025), max_interval=seconds(0.25)),
     )
+    if retry.timeout_retries:
+        # A replica that accepted the request and went silent is given up for another one (before any
+        # byte reached the client). How many times is bounded by the route's idle timeout, see below.
+        policy.per_try_idle_timeout.CopyFrom(seconds(model.config.limits.idle_timeout_s))
+    return policy
+
+
+def route_idle_timeout_s(model: ModelState) -> float:
+    """The route's idle timeout: silence allowed to the whole exchange, retries included.
+
+    Envoy has one retry count for every cause, so the retries after a silent try are bounded here: a
+    silent try costs `idle_timeout_s`, and the route gives up after `timeout_retries + 1` of them (the
+    last try gets that minus the few ms of back-off before it). A slow but live fleet thus sees at most
+    `timeout_retries` extra requests per request, while a killed replica's requests keep all `attempts`.
+    """
+    return model.config.limits.idle_timeout_s * (model.config.retry.timeout_retries + 1)
 
 
 def _model_routes(model: ModelState) -> list[rc.Route]:
@@ -134,7 +173,7 @@ def _model_routes(model: ModelState) -> list[rc.Route]:
                     timeout=seconds(limits.request_timeout_s),
                     # Each try is cut after `idle_timeout_s` of silence (per_try_idle_timeout) and retried
                     # elsewhere if nothing reached the client yet; this outer bound covers all tries.
-                    idle_timeout=seconds(limits.idle_timeout_s * (model.config.retry.attempts + 1) + 1),
+                    idle_timeout=seconds(route_idle_timeout_s(model)),
                     retry_policy=_retry_policy(model),
                 ),
                 request_headers_to_add=[
@@ -164,7 +203,16 @@ def _response_headers(state: GatewayState) -> list[base_pb2.HeaderValueOption]:
 
 
 def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfiguration:
-    routes: list[rc.Route] = [_direct("models", _get("/v1/models"), 200, models_list_body(state))]
+    routes: list[rc.Route] = [
+        _not_allowed("connect", rc.RouteMatch(connect_matcher=rc.RouteMatch.ConnectMatcher()), "GET, POST"),
+        _direct("models", _get("/v1/models"), 200, models_list_body(state)),
+        # One method check for every read-only model path, ahead of the per-name routes below.
+        _not_allowed(
+            "models-method",
+            rc.RouteMatch(path_separated_prefix="/v1/models", headers=[_method_is("GET", invert=True)]),
+            "GET",
+        ),
+    ]
     for model in state.models:
         if model.enabled:
             body = json.dumps(_model_object(model), separators=(",", ":"))
@@ -175,6 +223,7 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
                 for n in model.config.names
             )
     routes.append(_direct("health", _get("/health"), 200, '{"status":"ok"}'))
+    routes.append(_not_allowed("health-method", rc.RouteMatch(path="/health"), "GET"))
 
     allowed = "|".join(re.escape(p) for p in INFERENCE_PATHS)
     routes.append(
@@ -195,6 +244,13 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
             404,
             "Unknown API path. The gateway serves: GET /v1/models, "
             + ", ".join(f"POST {p}" for p in INFERENCE_PATHS),
+        )
+    )
+    # Only inference paths get this far: they take POST alone (a PUT, HEAD or OPTIONS never reaches an
+    # engine).
+    routes.append(
+        _not_allowed(
+            "inference-method", rc.RouteMatch(prefix="/", headers=[_method_is("POST", invert=True)]), "POST"
         )
     )
     routes.append(
@@ -268,6 +324,9 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[vhost],
+        # Envoy adds it for requests from outside (use_remote_address); the engines have no use for it.
+        # Clients' own x-envoy-* headers are removed on arrival (listener.py).
+        request_headers_to_remove=["x-envoy-external-address"],
         # Envoy refuses direct-response bodies over 4 KiB unless told otherwise; /v1/models outgrows that
         # at a few dozen models, and the whole route table would be rejected.
         max_direct_response_body_size_bytes=uint32(max(largest_body, 4096)),
