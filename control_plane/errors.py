@@ -37,3 +37,20 @@ class NotFoundError(GatewayError):
 
 class ConflictError(GatewayError):
     """An admin call would clash with what exists (a taken name or id)."""
+
+
+class InvalidNameError(NotFoundError):
+    """A name or id that breaks the naming rules: nothing can have it, so it is refused (422) before any
+    lookup. A NotFoundError for callers that only ask whether the thing exists."""
+
+
+class RejectedChangeError(GatewayError):
+    """A change was refused before anything of it was kept: its snapshot is inconsistent, Envoy's own
+    validation refuses it, or a connected Envoy rejected (NACKed) it and it was rolled back.
+
+    `problems` lists one reason per line, Envoy's message included when Envoy said no.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("change refused: " + "; ".join(problems))

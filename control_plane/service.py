@@ -1,5 +1,11 @@
 """The control plane's core: registry + admin overlay + live inputs → gateway state → one snapshot per
-connected Envoy."""
+connected Envoy.
+
+A change (file reload or admin call) is checked before anything of it is kept: the effective registry
+must validate, every snapshot must be consistent, Envoy's validate mode must accept clusters with
+overrides; then it is pushed and the connected Envoys' verdict awaited. A NACK rolls it back (the admin
+overlay is written only after the verdict), so no rejected change can block a later valid one.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from google.protobuf import json_format
 
 from control_plane.config.schema import Registry
-from control_plane.errors import InconsistentSnapshotError
+from control_plane.errors import ConfigError, RejectedChangeError
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.state import (
     EndpointState,
@@ -26,12 +33,15 @@ from control_plane.state import (
     build_state,
     resolve_host,
 )
-from control_plane.store.overlay import AdminStore, Applied
+from control_plane.store.overlay import AdminStore, Applied, Flags
+from control_plane.vetting import ClusterChecker, build_checked, envoy_problems, startup_config
 from control_plane.xds.builders import build_snapshot
 from control_plane.xds.builders.endpoint import build_load_assignment
 from control_plane.xds.cache import SnapshotCache
-from control_plane.xds.resources import ENDPOINT
+from control_plane.xds.envoy_check import cluster_problems
+from control_plane.xds.resources import CLUSTER, ENDPOINT
 from control_plane.xds.snapshot import Snapshot, content_version
+from control_plane.xds.sync import SyncReport, SyncWaiter
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +59,12 @@ class ControlPlane:
         metrics: ControlPlaneMetrics,
         store: AdminStore | None = None,
         resolver: Resolver = resolve_host,
+        sync_timeout_s: float = 3.0,
+        allow_empty: bool = False,
+        cluster_checker: ClusterChecker = cluster_problems,
     ) -> None:
+        """Raises ConfigError if the registry file cannot be served (an invalid admin overlay is
+        skipped with warnings instead, see vetting.startup_config)."""
         self._file_registry = registry
         self._store = store or AdminStore(":memory:")
         self._cache = cache
@@ -61,14 +76,22 @@ class ControlPlane:
         self._listeners: list[RegistryListener] = []
         self._drain_started: dict[str, float] = {}
         self._assignments: dict[str, tuple[tuple[EndpointState, ...], ClusterLoadAssignment]] = {}
-        self._applied = self._store.apply(registry)
+        self._allow_empty = allow_empty
+        self._checker = cluster_checker
+        self._sync = SyncWaiter(cache, sync_timeout_s)
+        # One change at a time, from its check to its verdict: each is judged against the one before.
+        self._changes = asyncio.Lock()
         flags = self._store.flags()
         self._inputs.draining_endpoints, self._inputs.draining_models = (
             flags.draining_endpoints,
             flags.draining_models,
         )
+        self._applied = startup_config(registry, self._store, resolver, self._inputs, cluster_checker)
         self._track_drains()
         self._state = build_state(self._applied.registry, resolver, self._inputs)
+        # The clusters live now: a change has Envoy check only the clusters it alters.
+        self._clusters: dict[str, Any] = dict(self._build(self._state, NodeParams()).resources[CLUSTER])
+        self._previous = (self._applied, self._inputs)  # what a rejected change rolls back to
 
     @property
     def registry(self) -> Registry:
@@ -102,14 +125,16 @@ class ControlPlane:
     def connected_nodes(self) -> dict[str, int]:
         return {node: count for node, count in self._streams.items() if count}
 
-    async def wait_synced(self, timeout_s: float = 3.0) -> bool:
-        """Wait until every connected Envoy has ACKed (or NACKed) the current config; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if all(self._cache.synced(node) for node in self.connected_nodes()):
-                return True
-            await asyncio.sleep(0.01)
-        return False
+    async def wait_synced(
+        self, timeout_s: float | None = None, changed: dict[str, frozenset[str]] | None = None
+    ) -> SyncReport:
+        """Wait (at most `timeout_s`, default the plane's bound) for the connected Envoys' verdict on
+        the current config; nodes already known to lag are not waited for again."""
+        return await self._sync.wait(lambda: list(self.connected_nodes()), changed, timeout_s)
+
+    def node_sync(self, node: str) -> dict[str, Any]:
+        """One Envoy's sync state (synced, lagging, last rejection) for /admin/status."""
+        return self._sync.node_status(node)
 
     def drain_started(self, key: str) -> float | None:
         """Monotonic time a drain of `endpoint:<id>` or `model:<id>` began (this process's view)."""
@@ -140,31 +165,104 @@ class ControlPlane:
         return snapshot
 
     # Changes
-    async def apply_registry(self, registry: Registry) -> None:
-        """Make `registry` the live file config. On any error the previous config stays live, untouched."""
-        applied = self._store.apply(registry)
-        await self._apply(applied)
-        self._file_registry = registry
+    async def apply_registry(self, registry: Registry, *, force_empty: bool = False) -> SyncReport:
+        """Make `registry` the live file config. Refused (ConfigError, RejectedChangeError) with the
+        previous config left live if it does not pass, or if it would remove every model and neither
+        the file's `allow_empty`, `force_empty` nor the plane's `allow_empty` says so."""
+        async with self._changes:
+            applied = self._store.apply(registry)
+            forced = force_empty or registry.allow_empty or self._allow_empty
+            if self.registry.models and not applied.registry.models and not forced:
+                raise ConfigError(
+                    "registry file",
+                    [
+                        "models: this change would remove every model (every request would get 404); "
+                        "set `allow_empty: true` at the top level of the file if that is intended"
+                    ],
+                )
+            report = await self._push_checked(applied, self._store.flags())
+            self._file_registry = registry
+            await self._committed()
+            return report
 
-    async def refresh(self) -> None:
-        """Re-read the admin overlay (after an admin change) and publish the result at once."""
-        await self._apply(self._store.apply(self._file_registry))
+    async def admin_change(self, write: Callable[[], None]) -> SyncReport:
+        """Check, push and, once no Envoy rejected it, store an admin change.
 
-    def candidate(self) -> Applied:
-        """What the effective registry would be now (raises ConfigError if the overlay makes it invalid)."""
-        return self._store.apply(self._file_registry)
+        `write` makes the change in the store; it runs twice: first inside a preview that is undone
+        (to see the registry it makes), then for real after the verdict. ConfigError if the result is
+        invalid, RejectedChangeError if it cannot be served or an Envoy NACKed it (rolled back)."""
+        async with self._changes:
+            with self._store.preview():
+                write()
+                applied = self._store.apply(self._file_registry)
+                flags = self._store.flags()
+            report = await self._push_checked(applied, flags)
+            try:
+                write()
+            except Exception:
+                log.exception("admin change not stored; rolling its push back")
+                await self._roll_back(self._previous)
+                raise
+            await self._committed()
+            return report
 
-    async def _apply(self, applied: Applied) -> None:
-        flags = self._store.flags()
+    async def _push_checked(self, applied: Applied, flags: Flags) -> SyncReport:
         inputs = dataclasses.replace(
             self._inputs, draining_endpoints=flags.draining_endpoints, draining_models=flags.draining_models
         )
         state = await asyncio.to_thread(build_state, applied.registry, self._resolver, inputs)
-        self._publish(state)  # raises before changing anything if the result is unusable
-        self._inputs, self._applied = inputs, applied
+        built = self._build_checked(state)
+        problems = await asyncio.to_thread(
+            envoy_problems, state, next(iter(built.values())), self._clusters, self._checker
+        )
+        if problems:
+            raise RejectedChangeError(problems)
+        self._previous = (self._applied, self._inputs)
+        before = {n: dict(s.versions) for n in self._nodes if (s := self._cache.get_snapshot(n))}
+        self._install(state, built)
+        self._applied, self._inputs = applied, inputs
+        changed = {
+            node: frozenset(t for t, v in snapshot.versions.items() if before.get(node, {}).get(t) != v)
+            for node in self._nodes
+            if (snapshot := self._cache.get_snapshot(node)) is not None
+        }
+        report = await self.wait_synced(changed=changed)
+        if report.rejected:
+            await self._roll_back(self._previous)
+            raise RejectedChangeError(
+                [f"Envoy {n} rejected the change (rolled back): {m}" for n, m in report.rejected.items()]
+            )
+        return report
+
+    async def _roll_back(self, previous: tuple[Applied, StateInputs]) -> None:
+        """Back to the config before the change, with the health and weights known now."""
+        applied, before = previous
+        inputs = dataclasses.replace(
+            self._inputs, draining_endpoints=before.draining_endpoints, draining_models=before.draining_models
+        )
+        state = await asyncio.to_thread(build_state, applied.registry, self._resolver, inputs)
+        self._install(state, self._build_checked(state))
+        self._applied, self._inputs = applied, inputs
+
+    async def _committed(self) -> None:
         self._track_drains()
         for listener in self._listeners:
-            await listener(applied.registry)
+            await listener(self._applied.registry)
+
+    def _build_checked(self, state: GatewayState) -> dict[NodeParams, Snapshot]:
+        try:
+            return build_checked(state, self._nodes.values(), self._build)
+        except RejectedChangeError:
+            self._metrics.snapshot_inconsistent.inc()
+            raise
+
+    def _install(self, state: GatewayState, built: dict[NodeParams, Snapshot]) -> None:
+        """Make checked snapshots current for every node (all built first: no half-published change)."""
+        self._state = state
+        self._assignments.clear()
+        self._clusters = dict(next(iter(built.values())).resources[CLUSTER])
+        changed = sum(self._cache.set_snapshot(node, built[params]) for node, params in self._nodes.items())
+        log.debug("gateway state published: %d models, %d Envoys updated", len(state.models), changed)
 
     def _track_drains(self) -> None:
         now = time.monotonic()
@@ -217,18 +315,3 @@ class ControlPlane:
         self._state = state
         for node, snapshot in snapshots.items():
             self._cache.set_snapshot(node, snapshot)
-
-    def _publish(self, state: GatewayState) -> None:
-        # Build every node's snapshot first, so that a failure leaves all Envoys on the old config.
-        built: dict[NodeParams, Snapshot] = {}
-        for params in set(self._nodes.values()):
-            snapshot = self._build(state, params)
-            try:
-                snapshot.check_consistent()  # remembered on the snapshot: the cache does not check again
-            except InconsistentSnapshotError:
-                self._metrics.snapshot_inconsistent.inc()
-                raise
-            built[params] = snapshot
-        self._state = state
-        changed = sum(self._cache.set_snapshot(node, built[params]) for node, params in self._nodes.items())
-        log.debug("gateway state published: %d models, %d Envoys updated", len(state.models), changed)

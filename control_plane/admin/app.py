@@ -22,6 +22,7 @@ from control_plane.admin.auth import AuthGate, bearer_guard
 from control_plane.admin.body import BodyGate
 from control_plane.admin.docs import register_offline_docs
 from control_plane.admin.operations import AdminOperations
+from control_plane.admin.paths import PathGate
 from control_plane.admin.views import Observers, endpoint_view, model_view
 from control_plane.alerts.receiver import AlertReceiver, Notification, UnknownAlertError
 from control_plane.config.schema import EndpointConfig, ModelConfig
@@ -55,6 +56,7 @@ def create_admin_app(
         redoc_url=None,
     )
     # Added innermost first: AuthGate runs before BodyGate, so no body is read without the token.
+    app.add_middleware(PathGate)  # a control character in the path names nothing: 422 before routing
     app.add_middleware(BodyGate)
     app.add_middleware(AuthGate, token=token)
     register_offline_docs(app)

@@ -8,15 +8,38 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from control_plane.xds.snapshot import Snapshot
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An Envoy's answer to one pushed version of a type: an ACK, or a NACK with Envoy's message."""
+
+    version: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeVerdict:
+    """Where a node stands with its current snapshot."""
+
+    pending: frozenset[str] = frozenset()  # types whose current version it has not answered yet
+    rejected: dict[str, Answer] = field(default_factory=dict)  # type → its NACK of the current version
+
+    @property
+    def synced(self) -> bool:
+        return not self.pending
 
 
 class SnapshotCache:
     def __init__(self) -> None:
         self._snapshots: dict[str, Snapshot] = {}
         self._watchers: dict[str, set[Callable[[], None]]] = {}
-        self._answered: dict[str, dict[str, str]] = {}  # node → type URL → last version ACKed or NACKed
+        self._answered: dict[str, dict[str, Answer]] = {}  # node → type URL → its last answer
+        self._last_nack: dict[str, dict[str, Answer]] = {}  # node → type URL → its last NACK, kept
+        self._answer_listeners: set[Callable[[], None]] = set()
 
     def set_snapshot(self, node_id: str, snapshot: Snapshot) -> bool:
         """Store the snapshot if it differs from the current one; True when watchers were notified.
@@ -32,18 +55,54 @@ class SnapshotCache:
             notify()
         return True
 
-    def record_answer(self, node_id: str, type_url: str, version: str) -> None:
-        """An Envoy ACKed or NACKed `version` of a type: it has dealt with it, one way or the other."""
-        self._answered.setdefault(node_id, {})[type_url] = version
+    def record_answer(self, node_id: str, type_url: str, version: str, error: str | None = None) -> None:
+        """An Envoy ACKed `version` of a type, or NACKed it with `error` (Envoy's error_detail)."""
+        answer = Answer(version, error)
+        self._answered.setdefault(node_id, {})[type_url] = answer
+        if error is not None:
+            self._last_nack.setdefault(node_id, {})[type_url] = answer
+        for listener in list(self._answer_listeners):
+            listener()
 
     def forget_answers(self, node_id: str) -> None:
         self._answered.pop(node_id, None)
 
-    def synced(self, node_id: str) -> bool:
-        """Whether the node has answered the current version of every type of its snapshot."""
+    def verdict(self, node_id: str) -> NodeVerdict:
+        """Which types of its current snapshot the node has not answered, and which it rejected."""
         snapshot = self._snapshots.get(node_id)
+        if snapshot is None:
+            return NodeVerdict()
         answered = self._answered.get(node_id, {})
-        return snapshot is not None and all(answered.get(t) == v for t, v in snapshot.versions.items())
+        pending, rejected = set(), {}
+        for type_url, version in snapshot.versions.items():
+            answer = answered.get(type_url)
+            if answer is None or answer.version != version:
+                pending.add(type_url)
+            elif answer.error is not None:
+                rejected[type_url] = answer
+        return NodeVerdict(pending=frozenset(pending), rejected=rejected)
+
+    def synced(self, node_id: str) -> bool:
+        """Whether the node has answered (ACK or NACK) the current version of every type."""
+        return node_id in self._snapshots and self.verdict(node_id).synced
+
+    def last_nacks(self, node_id: str) -> dict[str, Answer]:
+        """The last version of each type the node rejected, with Envoy's message (kept after later ACKs,
+        for the status page)."""
+        return dict(self._last_nack.get(node_id, {}))
+
+    def add_answer_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (synchronously, it must not block) after every ACK or NACK of any node."""
+        self._answer_listeners.add(listener)
+
+    @contextmanager
+    def listen_answers(self, listener: Callable[[], None]) -> Iterator[None]:
+        """As add_answer_listener, for the duration of the block."""
+        self._answer_listeners.add(listener)
+        try:
+            yield
+        finally:
+            self._answer_listeners.discard(listener)
 
     def get_snapshot(self, node_id: str) -> Snapshot | None:
         return self._snapshots.get(node_id)

@@ -105,15 +105,17 @@ def test_add_and_remove_models_and_endpoints_at_run_time(stack: Any) -> None:
             "/admin/models/qwen2/endpoints", json={"id": "qwen2-extra", "url": f"http://127.0.0.1:{new_port}"}
         )
         assert extra.status_code == 201 and extra.json()["model"] == "qwen2"
-        assert admin.delete("/admin/endpoints/qwen2-extra").status_code == 204
+        removed = admin.delete("/admin/endpoints/qwen2-extra")
+        assert removed.status_code == 200 and removed.json()["removed"] == "qwen2-extra"
+        assert removed.json()["sync"]["applied_to"] == [stack.envoys[0].node_id]
         assert admin.get("/admin/endpoints/qwen2-extra").status_code == 404
 
-        assert admin.delete("/admin/endpoints/qwen2-0").status_code == 204  # a file-defined one
+        assert admin.delete("/admin/endpoints/qwen2-0").status_code == 200  # a file-defined one
         eventually(
             lambda: {served_by(chat(client, url, "qwen2")) for _ in range(10)} == {"qwen2-1"},
             what="the removed endpoint to leave Envoy",
         )
-        assert admin.delete("/admin/models/mistral").status_code == 204
+        assert admin.delete("/admin/models/mistral").status_code == 200
         gone = chat(client, url, "mistral")
         assert gone.status_code == 404, gone.text
 
@@ -215,3 +217,117 @@ def test_drain_lets_five_streams_finish_and_reports_done(make_stack: StackFactor
             lambda: {served_by(chat(client, url, "qwen2")) for _ in range(10)} == {"qwen2-0", "qwen2-1"},
             what="both endpoints back",
         )
+
+
+BAD_NAMES = ["bad\n", "bad\r", "b\tad", "bad\x00", "ba\nd"]
+
+
+def test_bad_names_are_refused_422_and_routing_still_works(stack: Any) -> None:
+    url = stack.envoys[0].url
+    port = free_port()
+    with admin_client(stack) as admin, httpx.Client(timeout=10) as client:
+        for name in BAD_NAMES:
+            for body in (
+                {"id": name, "engine": "tgi"},
+                {"id": "ok-model", "aliases": [name], "engine": "tgi"},
+                {
+                    "id": "ok-model",
+                    "engine": "tgi",
+                    "endpoints": [{"id": name, "url": f"http://127.0.0.1:{port}"}],
+                },
+                {"id": "ok-model", "engine": "tgi", "owned_by": name},
+            ):
+                refused = admin.post("/admin/models", json=body)
+                assert refused.status_code == 422, (body, refused.text)
+            endpoint = admin.post(
+                "/admin/models/qwen2/endpoints", json={"id": name, "url": f"http://127.0.0.1:{port}"}
+            )
+            assert endpoint.status_code == 422, endpoint.text
+            # Path parameters: refused before any lookup, never a 500 or a 404 from a lookup.
+            quoted = (
+                name.replace("\n", "%0A").replace("\r", "%0D").replace("\t", "%09").replace("\x00", "%00")
+            )
+            for method, path in (
+                ("GET", f"/admin/models/{quoted}"),
+                ("POST", f"/admin/models/{quoted}/disable"),
+                ("DELETE", f"/admin/models/{quoted}"),
+                ("GET", f"/admin/endpoints/{quoted}"),
+                ("POST", f"/admin/endpoints/{quoted}/drain"),
+                ("DELETE", f"/admin/endpoints/{quoted}"),
+            ):
+                answer = admin.request(method, path)
+                assert answer.status_code == 422, (method, path, answer.text)
+                assert "not a valid" in answer.json()["detail"]
+        # Nothing was stored, and every later write works and reaches Envoy.
+        assert [m["id"] for m in admin.get("/admin/models").json()["models"]] == ["qwen2", "llama3"]
+        assert not [e for e in admin.get("/admin/audit").json()["entries"] if e["action"] == "model.add"]
+        assert admin.post("/admin/models/llama3/disable").json()["enabled"] is False
+        assert chat(client, url, "llama3").status_code == 503
+        assert admin.post("/admin/models/llama3/enable").status_code == 200
+        assert {chat(client, url, "qwen2").status_code for _ in range(16)} == {200}
+        assert chat(client, url, "llama3").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"name": "elsewhere"}, "cluster_overrides.name"),
+        ({"eds_cluster_config": {"service_name": "x"}}, "cluster_overrides.eds_cluster_config"),
+        ({"type": "STATIC"}, "cluster_overrides.type"),
+        ({"type": "LOGICAL_DNS"}, "cluster_overrides.type"),
+        ({"outlier_detection": {"max_ejection_percent": 500}}, "Envoy refuses the cluster"),
+    ],
+)
+def test_a_bad_cluster_override_is_refused_stores_nothing_and_blocks_nothing(
+    stack: Any, overrides: dict[str, Any], reason: str
+) -> None:
+    url = stack.envoys[0].url
+    with admin_client(stack) as admin, httpx.Client(timeout=10) as client:
+        audit = admin.get("/admin/audit").json()["entries"]
+        bad = admin.post("/admin/models", json={"id": "bad", "engine": "tgi", "cluster_overrides": overrides})
+        assert bad.status_code == 422, bad.text
+        assert reason in json.dumps(bad.json()["detail"])
+        assert admin.get("/admin/models/bad").status_code == 404
+        assert admin.get("/admin/audit").json()["entries"] == audit
+        # Later writes are applied at once, a valid new model included.
+        port = free_port()
+        added = admin.post(
+            "/admin/models",
+            json={"id": "good", "engine": "vllm", "endpoints": [{"url": f"http://127.0.0.1:{port}"}]},
+        )
+        assert added.status_code == 201, added.text
+        assert added.json()["sync"] == {
+            "applied_to": [stack.envoys[0].node_id],
+            "lagging": [],
+            "rejected": {},
+            "warning": None,
+        }
+        stack.start_simulator(
+            ModelConfig(
+                id="good", engine="vllm", endpoints=(EndpointConfig(url=f"http://127.0.0.1:{port}"),)
+            ),
+            0,
+        )
+        eventually(lambda: chat(client, url, "good").status_code == 200, what="the valid model to route")
+        assert admin.delete("/admin/models/good").status_code == 200
+        assert chat(client, url, "good").status_code == 404
+    # And after a restart, the control plane serves as before.
+    stack.stop_control_plane()
+    stack.start_control_plane()
+    with admin_client(stack) as admin, httpx.Client(timeout=10) as client:
+        assert [m["id"] for m in admin.get("/admin/models").json()["models"]] == ["qwen2", "llama3"]
+        assert chat(client, url, "qwen2").status_code == 200
+
+
+def test_a_change_while_no_envoy_is_connected_says_so(stack: Any) -> None:
+    stack.envoys[0].process.stop()
+    with admin_client(stack) as admin:
+
+        def disconnected() -> bool:
+            return admin.get("/admin/status").json()["envoys"] == []
+
+        eventually(disconnected, what="the Envoy to disconnect")
+        answer = admin.post("/admin/models/llama3/disable")
+        assert answer.status_code == 200
+        assert answer.json()["sync"]["applied_to"] == []
+        assert "no Envoy is connected" in answer.json()["sync"]["warning"]

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from control_plane.devstack.procs import free_port
 from tests.integration.conftest import StackFactory, write_config
@@ -99,7 +100,12 @@ def test_a_bad_edit_is_refused_and_the_last_good_config_stays_live(make_stack: S
         assert [m["id"] for m in status["models"]] == ["qwen2"]
 
 
-def test_a_config_envoy_rejects_is_nacked_and_envoy_keeps_the_last_good_one(make_stack: StackFactory) -> None:
+def test_a_config_envoy_rejects_is_nacked_and_envoy_keeps_the_last_good_one(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the check before the push (GATEWAY_ENVOY_VALIDATE=off, as for a control plane with no
+    # Envoy binary), the live Envoy's NACK is what refuses the change: rolled back, reported.
+    monkeypatch.setenv("GATEWAY_ENVOY_VALIDATE", "off")
     port = free_port()
     good = registry(model("qwen2", "tgi", [port]))
     stack = make_stack(good)
@@ -135,6 +141,11 @@ def test_a_config_envoy_rejects_is_nacked_and_envoy_keeps_the_last_good_one(make
         clusters = {c["cluster"]["name"]: c["cluster"] for c in dump["configs"]}
         assert clusters["model_qwen2"]["outlier_detection"]["max_ejection_percent"] == 50
         assert clusters["model_qwen2"]["circuit_breakers"]["thresholds"][0]["max_requests"] == 256
+        with admin_client(stack) as admin:
+            status = admin.get("/admin/status").json()
+        assert "rejected the change (rolled back)" in status["config_error"]
+        assert "MaxEjectionPercent" in status["config_error"]
+        assert status["envoys"][0]["last_rejected"]["cds"]["message"]
 
         # The fixed config goes through.
         write_config(stack, registry(model("qwen2", "tgi", [port], limits={"max_concurrent_requests": 7})))
@@ -182,3 +193,74 @@ def test_several_envoys_get_the_same_config(make_stack: StackFactory) -> None:
                 lambda e=envoy: chat(client, e.url, "llama3").status_code == 200,  # type: ignore[misc]
                 what=f"{envoy.node_id} to get the new model",
             )
+
+
+def reload_results(client: httpx.Client, stack: Any, result: str) -> float:
+    return prometheus_value(
+        client, f"{stack.admin_url}/metrics", "llm_gateway_config_reloads_total", result=result
+    )
+
+
+def test_empty_undecodable_and_unservable_files_are_refused_and_watching_goes_on(
+    make_stack: StackFactory,
+) -> None:
+    port = free_port()
+    good = registry(model("qwen2", "tgi", [port]))
+    stack = make_stack(good)
+    url, path = stack.envoys[0].url, stack.settings.config_path
+    valid_bytes = path.read_bytes()
+    bad_files: list[tuple[bytes, str]] = [
+        (b"", "the document is empty"),
+        (b"# nothing but a comment\n", "the document is empty"),
+        (b"models: []\n", "models: no model is defined"),
+        (b"gateway: {expose_upstream_host: true}\nmodels: []\n", "models: no model is defined"),
+        (b"# caf\xe9\n" + valid_bytes, "line 1, column 6: byte 0xe9 is not UTF-8"),
+        (
+            yaml.safe_dump(
+                registry(model("qwen2", "tgi", [port], cluster_overrides={"type": "STATIC"}))
+            ).encode(),
+            "cluster_overrides.type: set by the gateway",
+        ),
+        (
+            yaml.safe_dump(
+                registry(
+                    model(
+                        "qwen2", "tgi", [port], cluster_overrides={"outlier_detection": {"interval": "-1s"}}
+                    )
+                )
+            ).encode(),
+            "Envoy refuses the cluster",
+        ),
+        (yaml.safe_dump(registry(model("qwen2\n", "tgi", [port]))).encode(), "models[0].id"),
+    ]
+    with httpx.Client(timeout=10) as client, admin_client(stack) as admin:
+        for count, (content, reason) in enumerate(bad_files, start=1):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(content)
+            tmp.replace(path)
+            eventually(
+                lambda n=count: reload_results(client, stack, "failure") >= n,  # type: ignore[misc]
+                what=f"the refusal of a file with {reason!r}",
+            )
+            error = admin.get("/admin/status").json()["config_error"]
+            assert reason in error, error
+            # Routing never stopped: 16 requests, all answered by the last good config.
+            assert {chat(client, url, "qwen2").status_code for _ in range(16)} == {200}
+        assert reload_results(client, stack, "error") == 0
+        assert (
+            prometheus_value(client, f"{stack.admin_url}/metrics", "llm_gateway_xds_nacks_total", type="cds")
+            == 0
+        )
+
+        # The watcher is alive: the next valid file goes through (a new model).
+        write_config(stack, registry(model("qwen2", "tgi", [port]), model("llama3", "vllm", [free_port()])))
+        stack.start_simulators()
+        eventually(lambda: chat(client, url, "llama3").status_code == 200, what="the next valid file")
+        assert admin.get("/admin/status").json()["config_error"] is None
+
+
+def test_an_empty_file_is_served_when_it_says_allow_empty(make_stack: StackFactory) -> None:
+    stack = make_stack(registry(model("qwen2", "tgi", [free_port()])))
+    with httpx.Client(timeout=10) as client:
+        write_config(stack, {"allow_empty": True, "models": []})
+        eventually(lambda: chat(client, stack.envoys[0].url, "qwen2").status_code == 404, what="forced empty")

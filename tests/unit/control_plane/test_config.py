@@ -116,7 +116,9 @@ def test_file_errors(tmp_path: Path) -> None:
         load_registry(bad)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert load_registry(empty).models == ()
+    with pytest.raises(ConfigError, match="the document is empty"):
+        load_registry(empty)
+    assert load_registry(empty, allow_empty=True).models == ()  # forced (serve --allow-empty)
 
 
 def test_error_message_lists_the_source_and_paths(tmp_path: Path) -> None:
