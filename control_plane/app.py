@@ -16,10 +16,12 @@ from fastapi import Depends
 from pydantic import SecretStr
 
 from control_plane.admin.app import create_admin_app
+from control_plane.admin.audit import audited_file_reload
 from control_plane.admin.auth import bearer_guard
+from control_plane.admin.latency import PrometheusLatency
 from control_plane.admin.load import register_load_routes
 from control_plane.admin.status_page import register_status_page
-from control_plane.admin.timeseries import PrometheusLatency, TimeSeriesSampler
+from control_plane.admin.timeseries import TimeSeriesSampler
 from control_plane.admin.views import Observers
 from control_plane.config.loader import load_registry
 from control_plane.config.schema import Registry
@@ -29,6 +31,8 @@ from control_plane.runtime import EndpointGauges, HealthWiring, TelemetryWiring
 from control_plane.service import ControlPlane
 from control_plane.store.overlay import AdminStore
 from control_plane.watcher import ConfigWatcher
+from control_plane.xds.als import AccessLogServicer, LocalReplyCounter, add_als_servicer
+from control_plane.xds.auth import XdsAuthenticator
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.lrs import LoadReportingServicer, LoadReportStore, add_lrs_servicer
 from control_plane.xds.server import AdsServicer, create_grpc_server
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 class ServeSettings:
     config_path: Path
     admin_token: SecretStr
+    xds_secret: SecretStr  # each Envoy's xDS credential is derived from it (xds/auth.py)
     state_db: Path = Path("var/gateway.db")
     xds_host: str = "127.0.0.1"
     xds_port: int = 18000
@@ -48,7 +53,9 @@ class ServeSettings:
     reload_interval_s: float = 1.0
     load_report_interval_s: float = 1.0
     prometheus_url: str | None = None  # a Prometheus scraping the Envoys: latency on the status page
+    alertmanager_url: str | None = None  # linked from the status page
     file_sd_dir: Path | None = None  # where to write Prometheus file-SD targets of every model server
+    allow_empty: bool = False  # serve a registry without models (else refused at start and on reload)
 
 
 class _AdminServer(uvicorn.Server):
@@ -73,13 +80,22 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def serve(settings: ServeSettings) -> None:
-    registry = load_registry(settings.config_path)  # ConfigError: refuse to start, the caller reports it
+    # ConfigError (invalid, empty, or not servable): refuse to start, the caller reports it.
+    registry = load_registry(settings.config_path, allow_empty=settings.allow_empty)
     metrics = ControlPlaneMetrics.create()
     cache = SnapshotCache()
     store = AdminStore(settings.state_db)
-    plane = ControlPlane(registry, cache=cache, metrics=metrics, store=store)
+    plane = ControlPlane(
+        registry, cache=cache, metrics=metrics, store=store, allow_empty=settings.allow_empty
+    )
     metrics.registry.register(EndpointGauges(plane))
-    watcher = ConfigWatcher(settings.config_path, plane.apply_registry, metrics, settings.reload_interval_s)
+    watcher = ConfigWatcher(
+        settings.config_path,
+        audited_file_reload(plane, settings.config_path),  # audited with the actor "registry-file"
+        metrics,
+        settings.reload_interval_s,
+        allow_empty=settings.allow_empty,
+    )
     health = HealthWiring(plane, metrics)
     plane.add_registry_listener(health.follow)
     if settings.file_sd_dir is not None:
@@ -93,21 +109,29 @@ async def serve(settings: ServeSettings) -> None:
         plane.add_registry_listener(write_targets)
     telemetry = TelemetryWiring.create(plane)
 
+    xds_auth = XdsAuthenticator(settings.xds_secret, metrics.registry)  # ADS and LRS alike
     grpc_server, xds_port = create_grpc_server(
-        AdsServicer(cache, plane, metrics), f"{settings.xds_host}:{settings.xds_port}"
+        AdsServicer(cache, plane, metrics, xds_auth), f"{settings.xds_host}:{settings.xds_port}"
     )
     load_store = LoadReportStore(interval_s=settings.load_report_interval_s)  # Envoys' LRS load reports
-    add_lrs_servicer(grpc_server, LoadReportingServicer(load_store))
+    add_lrs_servicer(grpc_server, LoadReportingServicer(load_store, authenticator=xds_auth))
+    # Errors Envoy answers itself, per model and code (its access-log stream, same credential check).
+    local_replies = LocalReplyCounter(metrics, plane.registry)
+    plane.add_registry_listener(local_replies.follow)
+    add_als_servicer(grpc_server, AccessLogServicer(local_replies, authenticator=xds_auth))
     observers = Observers(
         prober=health.prober, loads=load_store, telemetry=telemetry.collector if telemetry else None
     )
-    admin_app = create_admin_app(plane, metrics, watcher, settings.admin_token, observers)
+    links = {"prometheus": settings.prometheus_url, "alertmanager": settings.alertmanager_url}
+    admin_app = create_admin_app(plane, metrics, watcher, settings.admin_token, observers, links)
     guard = Depends(bearer_guard(settings.admin_token))
     register_load_routes(admin_app, load_store, dependencies=[guard])
     sampler = TimeSeriesSampler(
         plane,
         load_store,
         latency=PrometheusLatency(settings.prometheus_url) if settings.prometheus_url else None,
+        engine=telemetry.collector if telemetry else None,  # TTFT and tokens/s from the engines' metrics
+        local_errors=local_replies.unreported_errors,  # Envoy's own 5xx, which no load report has
     )
     register_status_page(admin_app, sampler=sampler, alerts=admin_app.state.alerts, guard_dependency=guard)
     admin_socket = _bind(settings.admin_host, settings.admin_port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from string import Template
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP_TEMPLATE = REPO_ROOT / "envoy" / "bootstrap.yaml"
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]*")
+_LOG_PATH_CHARS = re.compile(r'[^"\\\x00-\x1f\x7f]*')  # it lands inside a quoted YAML string
 
 
 @dataclass(frozen=True)
@@ -21,10 +24,21 @@ class BootstrapParams:
     listen_address: str | None = None
     listen_port: int | None = None
     max_connections: int = 50_000
+    # The node's xDS credential (xds.auth.node_token): sent as `authorization: Bearer ...` on the ADS and
+    # LRS streams. The rendered bootstrap holds it: write it 0600.
+    xds_token: str = ""
+    access_log_path: str | None = None  # this node's access log file (node metadata)
 
 
 def render_bootstrap(params: BootstrapParams, template: Path = BOOTSTRAP_TEMPLATE) -> str:
+    if not _TOKEN_CHARS.fullmatch(params.xds_token):
+        # It lands inside a quoted YAML string and an HTTP header: token characters only.
+        raise ValueError("an xDS token may hold only letters, digits and -._~+/=")
+    if params.access_log_path and not _LOG_PATH_CHARS.fullmatch(params.access_log_path):
+        raise ValueError("an access log path may not hold quotes, backslashes or control characters")
     return Template(template.read_text(encoding="utf-8")).substitute(
+        XDS_TOKEN=params.xds_token,
+        ACCESS_LOG_PATH=params.access_log_path or "",
         NODE_ID=params.node_id,
         XDS_HOST=params.xds_host,
         XDS_PORT=params.xds_port,

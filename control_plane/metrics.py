@@ -20,6 +20,7 @@ class ControlPlaneMetrics:
     probes: Counter
     alert_notifications: Counter
     auto_actions: Counter
+    local_replies: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ControlPlaneMetrics:
@@ -71,6 +72,15 @@ class ControlPlaneMetrics:
                 "llm_gateway_auto_actions",
                 "Automatic actions taken on alerts (drain, undrain, drain_refused).",
                 ["action"],
+                registry=registry,
+            ),
+            local_replies=Counter(
+                "llm_gateway_local_replies",
+                "Error replies Envoy made itself (no model server answered), by model, error code, status "
+                "and stage (route: before any cluster, in no Envoy stat; upstream: at the model's cluster, "
+                "also in envoy_cluster_upstream_rq_xx). model is (unknown) for a name no model has, (none) "
+                "for a request naming none.",
+                ["model", "code", "status", "stage"],
                 registry=registry,
             ),
         )

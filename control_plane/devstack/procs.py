@@ -14,6 +14,8 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from control_plane.secret_files import private_dir
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (the kernel's pick for port 0)."""
@@ -54,6 +56,7 @@ class ManagedProcess:
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self._popen: subprocess.Popen[bytes] | None = None
+        self.ready_from = 0  # log offset where the current run's output begins (see wait_for_line)
 
     @property
     def pid(self) -> int | None:
@@ -66,8 +69,12 @@ class ManagedProcess:
         return self._popen.poll() if self._popen else None
 
     def start(self) -> ManagedProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
+        """Start (or start again, appending to the same log) the process."""
+        # Logs may hold what a process prints about its secrets: private to the user (0700 / 0600).
+        private_dir(self.log_path.parent)
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a log left by an older run may have been world-readable
+        with os.fdopen(fd, "ab") as log:
             # A session of its own: a Ctrl-C in the terminal reaches only the supervisor, which then stops
             # every child by PID in order; and a shell's exit cannot take the child with it.
             self._popen = subprocess.Popen(
@@ -81,18 +88,28 @@ class ManagedProcess:
             )
         return self
 
-    def log_text(self) -> str:
+    def log_text(self, since: int = 0) -> str:
+        """The log from byte offset `since` on (see log_size)."""
         try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
+            with self.log_path.open("rb") as handle:
+                handle.seek(since)
+                return handle.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
 
-    def wait_for_line(self, pattern: str, timeout_s: float = 30.0) -> re.Match[str]:
-        """Wait until the process logs a line matching `pattern`; fail early if it exits."""
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def wait_for_line(self, pattern: str, timeout_s: float = 30.0, since: int = 0) -> re.Match[str]:
+        """Wait until the process logs a line matching `pattern` (after byte `since`: a restarted process
+        appends to its old log); fail early if it exits."""
         regex = re.compile(pattern, re.MULTILINE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            match = regex.search(self.log_text())
+            match = regex.search(self.log_text(since))
             if match:
                 return match
             if not self.alive():

@@ -41,6 +41,8 @@ from envoy.config.endpoint.v3 import load_report_pb2
 from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
 from google.protobuf import duration_pb2
 
+from control_plane.xds.auth import XdsAuthenticator
+
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 1.0
@@ -374,19 +376,26 @@ class LoadReportingServicer(lrs_pb2_grpc.LoadReportingServiceServicer):
         *,
         interval_s: float | None = None,
         on_report: Callable[[str], None] | None = None,
+        authenticator: XdsAuthenticator | None = None,
     ) -> None:
         self._store = store
         self._interval_s = interval_s if interval_s is not None else store.interval_s
         self._on_report = on_report
+        self._auth = authenticator
 
     async def StreamLoadStats(
         self,
         request_iterator: AsyncIterator[lrs_pb2.LoadStatsRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
+        requests = request_iterator
+        if self._auth is not None:
+            # An unauthenticated client's reports would set in_flight and hold drains: refuse the stream
+            # before it is recorded anywhere.
+            requests = await self._auth.admit("lrs", request_iterator, context)
         node_id = ""
         try:
-            async for request in request_iterator:
+            async for request in requests:
                 if not node_id:
                     if not request.node.id:
                         await context.abort(

@@ -27,6 +27,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.xds.auth import XdsAuthenticator
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SHORT_NAMES
 from control_plane.xds.snapshot import Snapshot
@@ -142,7 +143,8 @@ class _SotwStream:
         if request.response_nonce:
             state.awaiting_ack = False
             if state.sent_version is not None:
-                self._cache.record_answer(self._node_key, type_url, state.sent_version)
+                error = request.error_detail.message if request.HasField("error_detail") else None
+                self._cache.record_answer(self._node_key, type_url, state.sent_version, error)
             if request.HasField("error_detail"):
                 if type_url in _DEPENDENTS:  # a rejected push triggers no re-request
                     dependent = self._types[_DEPENDENTS[type_url]]
@@ -231,17 +233,31 @@ class _SotwStream:
 
 
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, cache: SnapshotCache, nodes: NodeRegistry, metrics: ControlPlaneMetrics) -> None:
+    """ADS for every Envoy that presents its node's credential (`authenticator`; the control plane always
+    passes one, only protocol tests run without)."""
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        nodes: NodeRegistry,
+        metrics: ControlPlaneMetrics,
+        authenticator: XdsAuthenticator | None = None,
+    ) -> None:
         self._cache = cache
         self._nodes = nodes
         self._metrics = metrics
+        self._auth = authenticator
 
     async def StreamAggregatedResources(
         self,
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        await _SotwStream(context, self._cache, self._metrics).run(request_iterator, self._nodes)
+        requests = request_iterator
+        if self._auth is not None:
+            # Refused streams end here: no node registered, no snapshot built, nothing sent.
+            requests = await self._auth.admit("ads", request_iterator, context)
+        await _SotwStream(context, self._cache, self._metrics).run(requests, self._nodes)
 
     async def DeltaAggregatedResources(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import time
 from typing import Any
 
@@ -97,3 +98,30 @@ def test_long_stream_outlives_the_idle_timeout_and_a_hung_one_is_cut(make_stack:
         assert response.status_code == 504, response.text
         assert response.json()["error"]["code"] == "upstream_timeout"
         assert 0.9 < time.monotonic() - started < 10
+
+
+def test_request_timeout_cuts_a_slow_body_but_never_a_long_stream(make_stack: StackFactory) -> None:
+    """The gateway's request timeout bounds receiving the request only: a body that never finishes is cut
+    with 408 in seconds, while a generation streaming for a full minute goes on to its end."""
+    port = free_port()
+    stack = make_stack(
+        registry(model("qwen2", "tgi", [port]), request_receive_timeout_s=2),
+        sim_extra_args={"qwen2-0": ["--decode-ms-per-token", "500"]},
+    )
+    url = stack.envoys[0].url
+    # A client that sends half its body and stops: answered 408 while it still waits to send the rest.
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", stack.envoys[0].listen_port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\n"
+            b'content-length: 100\r\n\r\n{"model": "qwen2", '
+        )
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert time.monotonic() - started < 15  # a 2 s limit, with room for a loaded machine
+
+    with httpx.Client(timeout=httpx.Timeout(10, read=30)) as client:
+        started = time.monotonic()
+        status, events, _ = stream_events(client, url, chat_body("qwen2", 120))
+        assert status == 200 and events[-1][1] == "[DONE]", events[-3:]
+        assert time.monotonic() - started >= 59  # 120 tokens at 500 ms: a minute of streaming, not cut

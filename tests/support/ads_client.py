@@ -13,8 +13,18 @@ from google.rpc import status_pb2
 
 
 class AdsClient:
-    def __init__(self, address: str, node_id: str, metadata: dict[str, str] | None = None) -> None:
+    """`metadata` is the node's metadata; `credential` the bearer token sent as call metadata, as Envoy
+    sends the `initial_metadata` of its bootstrap (None: no `authorization` at all)."""
+
+    def __init__(
+        self,
+        address: str,
+        node_id: str,
+        metadata: dict[str, str] | None = None,
+        credential: str | None = None,
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(address)
+        self._call_metadata = (("authorization", f"Bearer {credential}"),) if credential is not None else None
         self._stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
         self._outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
         self._node = base_pb2.Node(id=node_id, cluster="test")
@@ -35,7 +45,7 @@ class AdsClient:
             yield request
 
     async def start(self) -> None:
-        self._call = self._stub.StreamAggregatedResources(self._requests())
+        self._call = self._stub.StreamAggregatedResources(self._requests(), metadata=self._call_metadata)
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -65,6 +75,19 @@ class AdsClient:
 
     async def receive(self, timeout_s: float = 5.0) -> discovery_pb2.DiscoveryResponse:
         return await asyncio.wait_for(self._inbox.get(), timeout=timeout_s)
+
+    async def refused(self, timeout_s: float = 10.0) -> grpc.StatusCode:
+        """Wait for the server to end the stream and return its status code; fail if it sent anything."""
+        assert self._reader is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        else:
+            raise AssertionError("the stream ended without an error status")
+        if not self._inbox.empty():
+            raise AssertionError(f"the server sent {self._inbox.qsize()} responses before refusing")
+        return code
 
     async def expect_silence(self, seconds: float = 0.5) -> None:
         """Assert that no response arrives for a while (e.g. no re-push after a NACK)."""

@@ -1,29 +1,40 @@
 """Gateway settings → the Listener with its HTTP connection manager and filter chain.
 
+Before any filter (early header mutation): every `x-envoy-*` header a client sent is dropped (they steer
+Envoy and must never reach an engine), and a client's `x-request-id` is kept only when it is at most 128
+characters of letters, digits and `._:-`; otherwise it is dropped and Envoy makes a fresh one.
+
 Filter chain on the request path (all request-side, so SSE answers stream through untouched):
 1. header_to_metadata: the model header (`x-model-id`) → metadata `gateway.model`.
 2. buffer: holds the body up to `max_request_body_bytes` (413 above it).
 3. json_to_metadata: the body's top-level `model` → `gateway.model`, overwriting the header's value:
    the body wins when both are given, so a header can never send a body's request to another model.
    A body that is not JSON, or not sent as `application/json`, sets `gateway.body_invalid`.
-4. router.
+4. router (suppress_envoy_headers: no x-envoy-* request or response headers of its own).
+
+Timeouts of the client side: request_headers_timeout for the headers, request_timeout for the whole
+request; Envoy disarms the latter once the request is fully received (the buffer filter holds it until
+then), so it never cuts a generation, however long it streams. Both answer 408.
 """
 
 from __future__ import annotations
 
-from envoy.config.core.v3 import address_pb2, protocol_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2 as mutation
+from envoy.config.core.v3 import address_pb2, base_pb2, extension_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2 as h2m
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2 as j2m
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from envoy.type.matcher.v3 import regex_pb2
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import header_mutation_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2, message, struct_pb2, wrappers_pb2
 
 from control_plane.config.schema import GatewaySettings
 from control_plane.state import NodeParams
 from control_plane.xds.builders._common import ads_source, seconds, uint32
+from control_plane.xds.builders.access_log import build_access_logs
 from control_plane.xds.builders.local_reply import build_local_reply_config
 from control_plane.xds.builders.route import BODY_INVALID_KEY, MODEL_KEY, MODEL_MISSING_KEY
 from control_plane.xds.resources import LISTENER_NAME, METADATA_NAMESPACE, ROUTE_CONFIG_NAME
@@ -85,7 +96,43 @@ def _json_body_filter() -> j2m.JsonToMetadata:
     )
 
 
-def build_connection_manager(settings: GatewaySettings) -> hcm.HttpConnectionManager:
+# A client's x-request-id is kept when it fits in logs and engines' headers (they refuse long ones).
+REQUEST_ID_MAX_LENGTH = 128
+_REQUEST_ID = "request.headers['x-request-id']"
+_KEPT_ID_HEADER = "x-gateway-kept-request-id"
+
+
+def _append(key: str, value: str) -> mutation.HeaderMutation:
+    # An empty value is not added (keep_empty_value is off): that is what drops an unfit request id.
+    return mutation.HeaderMutation(
+        append=base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=key, value=value),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    )
+
+
+def _early_header_mutation() -> extension_pb2.TypedExtensionConfig:
+    """Runs before Envoy reads any header (request id, routing): see the module docstring."""
+    fit = f"size({_REQUEST_ID}) <= {REQUEST_ID_MAX_LENGTH} && {_REQUEST_ID}.matches('^[A-Za-z0-9._:-]+$')"
+    mutations = [
+        mutation.HeaderMutation(
+            remove_on_match=mutation.HeaderMutation.RemoveOnMatch(
+                key_matcher=string_pb2.StringMatcher(prefix="x-envoy-")
+            )
+        ),
+        _append(_KEPT_ID_HEADER, f"%CEL({fit} ? {_REQUEST_ID} : '')%"),
+        mutation.HeaderMutation(remove="x-request-id"),
+        _append("x-request-id", f"%REQ({_KEPT_ID_HEADER})%"),
+        mutation.HeaderMutation(remove=_KEPT_ID_HEADER),
+    ]
+    return extension_pb2.TypedExtensionConfig(
+        name="envoy.http.early_header_mutation.header_mutation",
+        typed_config=_packed(header_mutation_pb2.HeaderMutation(mutations=mutations)),
+    )
+
+
+def build_connection_manager(settings: GatewaySettings, node: NodeParams) -> hcm.HttpConnectionManager:
     return hcm.HttpConnectionManager(
         stat_prefix="gateway",
         codec_type=hcm.HttpConnectionManager.AUTO,
@@ -98,16 +145,20 @@ def build_connection_manager(settings: GatewaySettings) -> hcm.HttpConnectionMan
                 buffer_pb2.Buffer(max_request_bytes=uint32(settings.max_request_body_bytes)),
             ),
             _http_filter("envoy.filters.http.json_to_metadata", _json_body_filter()),
-            _http_filter("envoy.filters.http.router", router_pb2.Router()),
+            # No x-envoy-expected-rq-timeout-ms or attempt count to the engines, no
+            # x-envoy-upstream-service-time to clients.
+            _http_filter("envoy.filters.http.router", router_pb2.Router(suppress_envoy_headers=True)),
         ],
+        early_header_mutation_extensions=[_early_header_mutation()],
         local_reply_config=build_local_reply_config(settings),
+        access_log=build_access_logs(settings.access_log, node.access_log_path, node.xds_token),
         # Streams are cut by idle timeouts, never by a whole-request timeout at this level.
         stream_idle_timeout=seconds(settings.stream_idle_timeout_s),
         # When a model server dies mid-stream, the client learns it 0.1 s later instead of Envoy's 1 s
         # default grace for flushing its own replies.
         delayed_close_timeout=seconds(0.1),
-        request_timeout=seconds(0),
-        request_headers_timeout=seconds(10),
+        request_timeout=seconds(settings.request_receive_timeout_s),
+        request_headers_timeout=seconds(settings.request_headers_timeout_s),
         common_http_protocol_options=protocol_pb2.HttpProtocolOptions(idle_timeout=seconds(3600)),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         # Normalised paths keep the API allow-list in route.py from being dodged with `..` or `//`.
@@ -132,7 +183,7 @@ def build_listener(settings: GatewaySettings, node: NodeParams) -> listener_pb2.
                 filters=[
                     listener_components_pb2.Filter(
                         name="envoy.filters.network.http_connection_manager",
-                        typed_config=_packed(build_connection_manager(settings)),
+                        typed_config=_packed(build_connection_manager(settings, node)),
                     )
                 ]
             )

@@ -1,0 +1,152 @@
+"""Errors Envoy answers itself, counted per model and code (gRPC access log service, ALS).
+
+Envoy's cluster stats see only requests that reached a model's cluster; a 404 for an unknown model, a 503 of
+a disabled or draining model, a 400, 405, 408 or 413 never do, and even those that do (503 no healthy
+endpoint, overloaded, 504) carry no cause there. So every Envoy streams the error replies it makes itself to
+the control plane (`envoy.access_loggers.http_grpc`, filtered to local replies, see
+builders/access_log.py) over the ADS connection's cluster; this servicer counts them:
+
+    llm_gateway_local_replies_total{model, code, status, stage}
+
+- `model`: the model id the request named (an alias counts for its model); a name no model has is
+  `(unknown)` and a request naming none (or not a string) is `(none)`, so the label stays bounded whatever
+  clients send.
+- `code`: the `error.code` the client got, read from the `x-gateway-error-code` header the local reply
+  mapper sets (builders/local_reply.py: one rule table decides the body, the header and so this label);
+  `gateway_error` for a reply no rule matched.
+- `stage`: `upstream` when the reply came from the router at the model's cluster (its rule matches Envoy
+  response flags: no healthy upstream, overflow, timeouts, failures); Envoy's cluster stats
+  (envoy_cluster_upstream_rq_xx) count those already. `route`: answered before any cluster (route table,
+  buffer, timeouts of the client side); in no Envoy stat per model. Recording rules add only `route`.
+
+The stream is authenticated like ADS and LRS (the node's bearer credential, `xds/auth.py`). Envoy buffers
+entries and flushes them every second, and drops them rather than block requests if this stream lags.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from control_plane.config.schema import Registry
+from control_plane.metrics import ControlPlaneMetrics
+from control_plane.xds.auth import XdsAuthenticator
+from control_plane.xds.builders.local_reply import ERROR_CODE_HEADER, FALLBACK_CODE, reply_rules
+from control_plane.xds.resources import METADATA_NAMESPACE
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_MODEL = "(unknown)"
+NO_MODEL = "(none)"
+_MAX_CODE_LENGTH = 64  # the header is ours, but bound what becomes a label all the same
+
+
+@dataclass(frozen=True)
+class LocalReply:
+    model: str  # a model id, UNKNOWN_MODEL or NO_MODEL
+    code: str
+    status: int
+    stage: str  # "route" or "upstream"
+    reached_endpoint: bool  # an upstream host was picked: the endpoint's load reports count it too
+
+
+class LocalReplyCounter:
+    """Maps access-log entries to (model, code) with the registry's names and the reply rule table."""
+
+    def __init__(self, metrics: ControlPlaneMetrics, registry: Registry) -> None:
+        self._metrics = metrics
+        self._names: dict[str, str] = {}
+        self._upstream_codes: frozenset[str] = frozenset()
+        # Per model id: 5xx replies that reached no endpoint (so no load report has them), for the status
+        # page's error figures. Totals since start, like the load reports' counters.
+        self._unreported_errors: dict[str, int] = defaultdict(int)
+        self.follow_registry(registry)
+
+    def follow_registry(self, registry: Registry) -> None:
+        self._names = {name: model.id for model in registry.models for name in model.names}
+        rules = reply_rules(registry.gateway)
+        self._upstream_codes = frozenset(rule.code for rule in rules if rule.flags)
+
+    async def follow(self, registry: Registry) -> None:
+        """A registry listener (ControlPlane.add_registry_listener)."""
+        self.follow_registry(registry)
+
+    def classify(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> LocalReply:
+        common = entry.common_properties
+        model = NO_MODEL
+        namespace = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
+        if namespace is not None and "model" in namespace.fields:
+            value = namespace.fields["model"]
+            if value.WhichOneof("kind") == "string_value" and value.string_value:
+                model = self._names.get(value.string_value, UNKNOWN_MODEL)
+        code = entry.response.response_headers.get(ERROR_CODE_HEADER, "") or FALLBACK_CODE
+        if len(code) > _MAX_CODE_LENGTH or not code.replace("_", "").isalnum():
+            code = FALLBACK_CODE
+        return LocalReply(
+            model=model,
+            code=code,
+            status=entry.response.response_code.value,
+            stage="upstream" if code in self._upstream_codes else "route",
+            reached_endpoint=common.HasField("upstream_remote_address"),
+        )
+
+    def record(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> LocalReply:
+        reply = self.classify(entry)
+        self._metrics.local_replies.labels(reply.model, reply.code, str(reply.status), reply.stage).inc()
+        known = reply.model not in (UNKNOWN_MODEL, NO_MODEL)
+        if reply.status >= 500 and not reply.reached_endpoint and known:
+            self._unreported_errors[reply.model] += 1
+        return reply
+
+    def unreported_errors(self) -> Mapping[str, int]:
+        """Model id → 5xx replies Envoy made without reaching an endpoint, since start."""
+        return dict(self._unreported_errors)
+
+
+class _Identified:
+    """An ALS message seen as the authenticator expects a first request: with a `node`."""
+
+    def __init__(self, message: als_pb2.StreamAccessLogsMessage) -> None:
+        self.message = message
+
+    @property
+    def node(self) -> base_pb2.Node:
+        return self.message.identifier.node
+
+
+async def _identified(
+    messages: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+) -> AsyncIterator[_Identified]:
+    async for message in messages:
+        yield _Identified(message)
+
+
+class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(self, counter: LocalReplyCounter, authenticator: XdsAuthenticator | None = None) -> None:
+        self._counter = counter
+        self._auth = authenticator
+
+    async def StreamAccessLogs(
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> als_pb2.StreamAccessLogsResponse:
+        messages: AsyncIterator[_Identified] = _identified(request_iterator)
+        if self._auth is not None:
+            # The same check as ADS and LRS: the node's own credential, before anything is counted.
+            messages = await self._auth.admit("als", messages, context)
+        async for item in messages:
+            for entry in item.message.http_logs.log_entry:
+                self._counter.record(entry)
+        return als_pb2.StreamAccessLogsResponse()
+
+
+def add_als_servicer(server: grpc.aio.Server, servicer: AccessLogServicer) -> None:
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer, server)

@@ -1,0 +1,122 @@
+"""The HTTP connection manager's access logs: a file with one line per request, and the errors Envoy
+answers itself streamed to the control plane (gRPC access log service, `control_plane/xds/als.py`).
+
+Both are part of the listener (LDS): they change with the gateway settings and the node, never with models.
+
+The file logger writes every request: time, request id, model (as the client named it), route, endpoint,
+status, error code (replies Envoy made itself; `x-gateway-error-code`, set by local_reply.py), Envoy's
+response flags and details, duration, time to the first upstream byte, bytes in and out. Rotation: rename
+the file and `POST /reopen_logs` to Envoy's admin (control_plane/devstack/logrotate.py does it).
+
+The gRPC logger sends only replies Envoy made itself with a 4xx/5xx status (a CEL filter on the response
+code details), so normal traffic costs nothing there. Envoy buffers its entries (flushed every second) and
+drops them rather than wait when the stream is backed up: a flood of bad requests cannot stall requests.
+"""
+
+from __future__ import annotations
+
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.core.v3 import base_pb2, grpc_service_pb2, substitution_format_string_pb2
+from envoy.config.core.v3.config_source_pb2 import ApiVersion
+from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from google.protobuf import any_pb2, message
+
+from control_plane.config.schema import AccessLogSettings
+from control_plane.xds.builders._common import seconds, struct
+from control_plane.xds.builders.local_reply import ERROR_CODE_HEADER
+
+# The bootstrap's cluster of the control plane (envoy/bootstrap.yaml): ADS, LRS and this log share it.
+CONTROL_PLANE_CLUSTER = "xds_cluster"
+LOCAL_REPLY_LOG_NAME = "gateway-local-replies"
+# Replies Envoy made itself (direct responses, filter and router replies), errors only.
+LOCAL_REPLY_FILTER = "response.code >= 400 && response.code_details != 'via_upstream'"
+
+# Field order is the order in the file (Envoy keeps it).
+JSON_FIELDS: dict[str, str] = {
+    "time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "model": "%DYNAMIC_METADATA(gateway:model)%",
+    "route": "%ROUTE_NAME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH):256%",
+    "status": "%RESPONSE_CODE%",
+    "error": f"%RESP({ERROR_CODE_HEADER.upper()})%",
+    "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "endpoint": "%UPSTREAM_HOST_NAME%",
+    "upstream": "%UPSTREAM_HOST%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "duration_ms": "%DURATION%",
+    "ttfb_ms": "%RESPONSE_DURATION%",
+    "bytes_in": "%BYTES_RECEIVED%",
+    "bytes_out": "%BYTES_SENT%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "user_agent": "%REQ(USER-AGENT):128%",
+}
+
+
+def _packed(msg: message.Message) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out
+
+
+def _log_format(fmt: str) -> substitution_format_string_pb2.SubstitutionFormatString:
+    if fmt == "json":
+        return substitution_format_string_pb2.SubstitutionFormatString(json_format=struct(dict(JSON_FIELDS)))
+    line = " ".join(f"{key}={value}" for key, value in JSON_FIELDS.items()) + "\n"
+    return substitution_format_string_pb2.SubstitutionFormatString(
+        text_format_source=base_pb2.DataSource(inline_string=line)
+    )
+
+
+def file_access_log(path: str, fmt: str) -> accesslog_pb2.AccessLog:
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.file",
+        typed_config=_packed(file_pb2.FileAccessLog(path=path, log_format=_log_format(fmt))),
+    )
+
+
+def local_reply_log(credential: str) -> accesslog_pb2.AccessLog:
+    """Envoy's own error replies to the control plane, which counts them per model and code."""
+    metadata = (
+        # The node's xDS credential, checked like its ADS and LRS streams (xds/auth.py).
+        [base_pb2.HeaderValue(key="authorization", value=f"Bearer {credential}")] if credential else []
+    )
+    config = als_pb2.HttpGrpcAccessLogConfig(
+        common_config=als_pb2.CommonGrpcAccessLogConfig(
+            log_name=LOCAL_REPLY_LOG_NAME,
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=CONTROL_PLANE_CLUSTER),
+                initial_metadata=metadata,
+            ),
+            transport_api_version=ApiVersion.V3,
+            buffer_flush_interval=seconds(1),
+        ),
+        additional_response_headers_to_log=[ERROR_CODE_HEADER],
+    )
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.http_grpc",
+        filter=accesslog_pb2.AccessLogFilter(
+            extension_filter=accesslog_pb2.ExtensionFilter(
+                name="envoy.access_loggers.extension_filters.cel",
+                typed_config=_packed(cel_pb2.ExpressionFilter(expression=LOCAL_REPLY_FILTER)),
+            )
+        ),
+        typed_config=_packed(config),
+    )
+
+
+def build_access_logs(
+    settings: AccessLogSettings, node_path: str | None, credential: str
+) -> list[accesslog_pb2.AccessLog]:
+    """The node's access logs: its own file path (node metadata) wins over the registry's."""
+    logs = []
+    path = node_path or settings.path
+    if path:
+        logs.append(file_access_log(path, settings.format))
+    if settings.count_local_replies:
+        logs.append(local_reply_log(credential))
+    return logs
