@@ -85,8 +85,14 @@ async def serve(settings: ServeSettings) -> None:
     metrics = ControlPlaneMetrics.create()
     cache = SnapshotCache()
     store = AdminStore(settings.state_db)
+    xds_auth = XdsAuthenticator(settings.xds_secret, metrics.registry)  # ADS, LRS and ALS alike
     plane = ControlPlane(
-        registry, cache=cache, metrics=metrics, store=store, allow_empty=settings.allow_empty
+        registry,
+        cache=cache,
+        metrics=metrics,
+        store=store,
+        allow_empty=settings.allow_empty,
+        log_credential=xds_auth.log_token(),
     )
     metrics.registry.register(EndpointGauges(plane))
     watcher = ConfigWatcher(
@@ -109,7 +115,6 @@ async def serve(settings: ServeSettings) -> None:
         plane.add_registry_listener(write_targets)
     telemetry = TelemetryWiring.create(plane)
 
-    xds_auth = XdsAuthenticator(settings.xds_secret, metrics.registry)  # ADS and LRS alike
     grpc_server, xds_port = create_grpc_server(
         AdsServicer(cache, plane, metrics, xds_auth), f"{settings.xds_host}:{settings.xds_port}"
     )

@@ -62,6 +62,7 @@ class ControlPlane:
         sync_timeout_s: float = 3.0,
         allow_empty: bool = False,
         cluster_checker: ClusterChecker = cluster_problems,
+        log_credential: str = "",
     ) -> None:
         """Raises ConfigError if the registry file cannot be served (an invalid admin overlay is
         skipped with warnings instead, see vetting.startup_config)."""
@@ -78,6 +79,7 @@ class ControlPlane:
         self._assignments: dict[str, tuple[tuple[EndpointState, ...], ClusterLoadAssignment]] = {}
         self._allow_empty = allow_empty
         self._checker = cluster_checker
+        self._log_credential = log_credential  # rendered into every node's listener (NodeParams)
         self._sync = SyncWaiter(cache, sync_timeout_s)
         # One change at a time, from its check to its verdict: each is judged against the one before.
         self._changes = asyncio.Lock()
@@ -143,7 +145,7 @@ class ControlPlane:
     # NodeRegistry (called by the ADS transport)
     def node_connected(self, node: base_pb2.Node) -> str:
         metadata = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
-        params = NodeParams.from_metadata(metadata)
+        params = dataclasses.replace(NodeParams.from_metadata(metadata), log_credential=self._log_credential)
         if self._nodes.get(node.id) != params or self._cache.get_snapshot(node.id) is None:
             # A node like one already connected gets the very same snapshot object: built, checked and
             # packed for the wire once for all of them.

@@ -65,9 +65,9 @@ class NodeParams:
     listen_address: str | None = None
     listen_port: int | None = None
     access_log_path: str | None = None  # this Envoy's access log file (overrides gateway.access_log.path)
-    # The node's own xDS credential, sent back in its listener for the access-log stream it opens to the
-    # control plane (checked there like ADS and LRS; a node can only hand itself its own token).
-    xds_token: str = field(default="", repr=False)
+    # The credential of the access-log stream this Envoy opens to the control plane (xds/auth.py). Set by
+    # the control plane, the same for every node, so Envoys with the same settings still share a snapshot.
+    log_credential: str = field(default="", repr=False)
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, object]) -> NodeParams:
@@ -78,7 +78,6 @@ class NodeParams:
             listen_address=str(address) if address else None,
             listen_port=int(str(port)) if port not in (None, "") else None,
             access_log_path=str(log_path) if log_path else None,
-            xds_token=str(metadata.get("xds_token") or ""),
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -16,12 +17,28 @@ from pathlib import Path
 
 from control_plane.secret_files import private_dir
 
+# Ports handed out by free_port in this process: never handed out twice, so two stacks of one test run
+# cannot be given the same port between the pick and the bind.
+_GIVEN: set[int] = set()
+# Below the kernel's ephemeral range (32768-60999 by default): a port picked there can be taken by any
+# outgoing connection between the pick and the bind, which a test with many clients makes likely.
+_PICK_RANGE = (20_000, 32_000)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the kernel's pick for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port that is free now, outside the ephemeral range, and not handed out before by this process."""
+    for _ in range(1000):
+        port = random.randrange(*_PICK_RANGE)
+        if port in _GIVEN:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PICK_RANGE} on {host}")
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:

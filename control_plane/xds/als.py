@@ -140,8 +140,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     ) -> als_pb2.StreamAccessLogsResponse:
         messages: AsyncIterator[_Identified] = _identified(request_iterator)
         if self._auth is not None:
-            # The same check as ADS and LRS: the node's own credential, before anything is counted.
-            messages = await self._auth.admit("als", messages, context)
+            # Checked like ADS and LRS before anything is counted, with the deployment's access-log
+            # credential (the one the listener carries, see xds/auth.py).
+            messages = await self._auth.admit("als", messages, context, node_bound=False)
         async for item in messages:
             for entry in item.message.http_logs.log_entry:
                 self._counter.record(entry)

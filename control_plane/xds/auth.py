@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "xds1."
 _CONTEXT = b"llm-gateway/xds-node/"
+# The access-log stream's credential is one for the whole deployment: Envoy takes it from its listener,
+# which the control plane renders, and a per-node one would give every Envoy its own snapshot. It only
+# lets a caller add to error counters; the node-bound tokens guard the config and the load reports.
+_LOG_CONTEXT = b"llm-gateway/access-log"
 # A client that opens a stream and never says who it is must not hold it open for ever.
 FIRST_REQUEST_TIMEOUT_S = 10.0
 MIN_SECRET_LENGTH = 16
@@ -47,6 +51,13 @@ def node_token(secret: str | SecretStr, node_id: str) -> str:
     """The credential of `node_id` under `secret`: what goes into that node's Envoy bootstrap."""
     key = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
     digest = hmac.new(key.encode("utf-8"), _CONTEXT + node_id.encode("utf-8"), hashlib.sha256).digest()
+    return TOKEN_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def log_token(secret: str | SecretStr) -> str:
+    """The access-log stream's credential under `secret` (the same for every node)."""
+    key = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+    digest = hmac.new(key.encode("utf-8"), _LOG_CONTEXT, hashlib.sha256).digest()
     return TOKEN_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
@@ -95,23 +106,23 @@ class XdsAuthenticator:
     def token_for(self, node_id: str) -> str:
         return node_token(self._secret, node_id)
 
+    def log_token(self) -> str:
+        return log_token(self._secret)
+
     async def admit(
         self,
         service: str,
         requests: AsyncIterator[_Request],
         context: grpc.aio.ServicerContext,
+        *,
+        node_bound: bool = True,
     ) -> AsyncIterator[_Request]:
         """The stream's requests, first one included, once the caller is known; otherwise abort the call
-        (context.abort raises) before anything is sent."""
+        (context.abort raises) before anything is sent. `node_bound=False`: the deployment-wide access-log
+        credential instead of the node's own."""
         peer = context.peer()
-        header = _bearer(context)
-        if header is None:
-            await self._refuse(context, service, "missing", peer, "", grpc.StatusCode.UNAUTHENTICATED)
-        assert header is not None
-        scheme, _, presented = header.partition(" ")
-        presented = presented.strip()
-        if scheme.lower() != "bearer" or not presented.startswith(TOKEN_PREFIX):
-            await self._refuse(context, service, "malformed", peer, "", grpc.StatusCode.UNAUTHENTICATED)
+        # The first request is read before any verdict: a refusal sent while the client is still writing
+        # it reaches the client as its own write failure (INTERNAL), not as the server's status.
         try:
             first = await asyncio.wait_for(anext(requests), timeout=self._timeout_s)
         except StopAsyncIteration:
@@ -120,10 +131,18 @@ class XdsAuthenticator:
         except TimeoutError:
             await self._refuse(context, service, "timeout", peer, "", grpc.StatusCode.UNAUTHENTICATED)
             raise
+        header = _bearer(context)
+        if header is None:
+            await self._refuse(context, service, "missing", peer, "", grpc.StatusCode.UNAUTHENTICATED)
+        assert header is not None
+        scheme, _, presented = header.partition(" ")
+        presented = presented.strip()
+        if scheme.lower() != "bearer" or not presented.startswith(TOKEN_PREFIX):
+            await self._refuse(context, service, "malformed", peer, "", grpc.StatusCode.UNAUTHENTICATED)
         node_id: str = getattr(getattr(first, "node", None), "id", "") or ""
         if not node_id:
             await self._refuse(context, service, "no_node", peer, "", grpc.StatusCode.UNAUTHENTICATED)
-        expected = self.token_for(node_id).encode("ascii")
+        expected = (self.token_for(node_id) if node_bound else self.log_token()).encode("ascii")
         if not hmac.compare_digest(expected, presented.encode("utf-8", "replace")):
             await self._refuse(
                 context, service, "wrong_token", peer, node_id, grpc.StatusCode.PERMISSION_DENIED

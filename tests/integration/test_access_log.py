@@ -16,6 +16,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from control_plane.devstack.logrotate import AccessLogRotator, RotationPolicy
 from control_plane.devstack.procs import free_port
+from control_plane.xds.auth import log_token
 from tests.integration.conftest import StackFactory
 from tests.support.gateway import admin_client, eventually, prometheus_value
 from tests.support.registries import model, registry
@@ -230,7 +231,11 @@ def test_an_access_log_stream_without_the_node_credential_counts_nothing(stack: 
     assert send((("authorization", "Bearer xds1.forged"),)) == grpc.StatusCode.PERMISSION_DENIED
     with httpx.Client(timeout=10) as client:
         assert prometheus_value(client, metrics_url, "llm_gateway_local_replies_total", status="503") == 0
-    # The node's own credential is accepted (Envoy itself sends exactly this).
-    assert send((("authorization", f"Bearer {stack.xds_token('gateway-0')}"),)) == grpc.StatusCode.OK
+    # A node's ADS credential is not the access-log one.
+    assert send((("authorization", f"Bearer {stack.xds_token('gateway-0')}"),)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    # The access-log credential is accepted (Envoy itself sends exactly this, from its listener).
+    assert send((("authorization", f"Bearer {log_token(stack.settings.xds_secret)}"),)) == grpc.StatusCode.OK
     with httpx.Client(timeout=10) as client:
         assert prometheus_value(client, metrics_url, "llm_gateway_local_replies_total", status="503") == 1

@@ -117,9 +117,9 @@ def test_load_reports_without_the_credential_do_not_touch_in_flight(stack: Local
         async def scenario() -> None:
             for credential in (None, stack.xds_token("intruder")):
                 client = LrsClient(xds_address(stack), "gateway-0", credential=credential)
-                await client.start()
-                client.report(report)
-                client.report(report)
+                # The figures ride on the first message: any message written after the server's refusal
+                # would make the gRPC client report its own INTERNAL error instead of the server's status.
+                await client.start(report)
                 assert await client.refused() in (
                     grpc.StatusCode.UNAUTHENTICATED,
                     grpc.StatusCode.PERMISSION_DENIED,

@@ -54,10 +54,11 @@ class LrsClient:
         async for response in self._call:
             self._inbox.put_nowait(response)
 
-    async def start(self) -> None:
+    async def start(self, *clusters: load_report_pb2.ClusterStats) -> None:
+        """Open the stream with Envoy's first message: the node, with figures as after a reconnect."""
         self._call = self._stub.StreamLoadStats(self._requests(), metadata=self._metadata)
         self._reader = asyncio.create_task(self._read())
-        self._outbox.put_nowait(lrs_pb2.LoadStatsRequest(node=self._node))  # Envoy's first message
+        self._outbox.put_nowait(lrs_pb2.LoadStatsRequest(node=self._node, cluster_stats=list(clusters)))
 
     def report(self, *clusters: load_report_pb2.ClusterStats) -> None:
         self._outbox.put_nowait(lrs_pb2.LoadStatsRequest(node=self._node, cluster_stats=list(clusters)))

@@ -211,7 +211,9 @@ def test_metric_names_are_real() -> None:
     control_plane = {
         sample.name for family in ControlPlaneMetrics.create().registry.collect() for sample in family.samples
     } | {family.name for family in ControlPlaneMetrics.create().registry.collect()}
-    plane = ControlPlane(parse_registry({}), cache=SnapshotCache(), metrics=ControlPlaneMetrics.create())
+    plane = ControlPlane(
+        parse_registry({"allow_empty": True}), cache=SnapshotCache(), metrics=ControlPlaneMetrics.create()
+    )
     control_plane |= {family.name for family in EndpointGauges(plane).collect()}  # computed at scrape time
     control_plane |= {f"{name}_total" for name in control_plane}
     simulator = set(

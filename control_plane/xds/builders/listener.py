@@ -151,7 +151,7 @@ def build_connection_manager(settings: GatewaySettings, node: NodeParams) -> hcm
         ],
         early_header_mutation_extensions=[_early_header_mutation()],
         local_reply_config=build_local_reply_config(settings),
-        access_log=build_access_logs(settings.access_log, node.access_log_path, node.xds_token),
+        access_log=build_access_logs(settings.access_log, node.access_log_path, node.log_credential),
         # Streams are cut by idle timeouts, never by a whole-request timeout at this level.
         stream_idle_timeout=seconds(settings.stream_idle_timeout_s),
         # When a model server dies mid-stream, the client learns it 0.1 s later instead of Envoy's 1 s

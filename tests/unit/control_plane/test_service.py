@@ -29,7 +29,11 @@ def plane() -> ControlPlane:
         }
     )
     return ControlPlane(
-        registry, cache=SnapshotCache(), metrics=ControlPlaneMetrics.create(), resolver=lambda h: h
+        registry,
+        cache=SnapshotCache(),
+        metrics=ControlPlaneMetrics.create(),
+        resolver=lambda h: h,
+        log_credential="xds1.log-credential",  # one for all nodes: it must not split their snapshots
     )
 
 
@@ -49,6 +53,9 @@ def test_same_settings_share_one_snapshot_and_keep_sharing_after_a_flip() -> Non
     cp.node_connected(node("c", listen_port="9999"))
     assert cp.cache.get_snapshot("a") is cp.cache.get_snapshot("b")
     assert cp.cache.get_snapshot("c") is not cp.cache.get_snapshot("a")
+    shared = cp.cache.get_snapshot("a")
+    assert shared is not None
+    assert b"xds1.log-credential" in next(iter(shared.packed(LISTENER).values())).value
 
     before = cp.cache.get_snapshot("a")
     assert before is not None

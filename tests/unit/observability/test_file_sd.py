@@ -24,7 +24,7 @@ pytestmark = pytest.mark.unit
 
 
 def make_registry(*models: dict[str, Any]) -> Registry:
-    return parse_registry({"models": list(models)}, "test")
+    return parse_registry({"models": list(models), "allow_empty": not models}, "test")
 
 
 QWEN = {

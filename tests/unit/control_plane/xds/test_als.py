@@ -122,7 +122,7 @@ def test_the_listener_carries_the_nodes_log_path_and_credential() -> None:
     state = build_state(REGISTRY, lambda host: host)
     listener = next(
         iter(
-            build_snapshot(state, NodeParams(access_log_path="/x/a.log", xds_token="t"))
+            build_snapshot(state, NodeParams(access_log_path="/x/a.log", log_credential="t"))
             .resources[LISTENER]
             .values()
         )
