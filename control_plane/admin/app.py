@@ -61,27 +61,22 @@ def create_admin_app(
     app.add_middleware(AuthGate, token=token)
     register_offline_docs(app)
 
-    @app.exception_handler(NotFoundError)
-    async def not_found(request: Request, exc: NotFoundError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+    # Typed errors → HTTP, here at the edge only. 422 for a name no model or endpoint can have (refused
+    # before any lookup), a change that cannot be served (nothing of it was kept), an unknown alert.
+    error_status = {
+        NotFoundError: status.HTTP_404_NOT_FOUND,
+        ConflictError: status.HTTP_409_CONFLICT,
+        InvalidNameError: status.HTTP_422_UNPROCESSABLE_CONTENT,
+        RejectedChangeError: status.HTTP_422_UNPROCESSABLE_CONTENT,
+        UnknownAlertError: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    }
 
-    @app.exception_handler(ConflictError)
-    async def conflict(request: Request, exc: ConflictError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+    async def typed_error(request: Request, exc: Exception) -> JSONResponse:
+        code = next(error_status[t] for t in type(exc).__mro__ if t in error_status)  # subclasses too
+        return JSONResponse({"detail": str(exc)}, status_code=code)
 
-    # A name no model or endpoint can have (e.g. ending in a newline): refused before any lookup.
-    @app.exception_handler(InvalidNameError)
-    async def invalid_name(request: Request, exc: InvalidNameError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-    # A change that cannot be served (inconsistent, refused by Envoy): nothing of it was kept.
-    @app.exception_handler(RejectedChangeError)
-    async def rejected(request: Request, exc: RejectedChangeError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-    @app.exception_handler(UnknownAlertError)
-    async def unknown_alert(request: Request, exc: UnknownAlertError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    for error_type in error_status:
+        app.add_exception_handler(error_type, typed_error)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -8,13 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from control_plane.config.schema import (
-    EndpointConfig,
-    ModelConfig,
-    check_endpoint_id,
-    check_model_name,
-    default_endpoint_id,
-)
+from control_plane.config.names import check_endpoint_id, check_model_name, default_endpoint_id
+from control_plane.config.schema import EndpointConfig, ModelConfig
 from control_plane.errors import ConfigError, ConflictError, InvalidNameError, NotFoundError
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.service import ControlPlane

@@ -7,7 +7,6 @@ instead of a silently ignored setting.
 from __future__ import annotations
 
 import ipaddress
-import re
 from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -15,59 +14,17 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Names travel into Envoy config (route matches, metadata, header values) and admin URL paths. Every
-# rule is applied with `fullmatch`: `match` with `$` also accepts a trailing "\n", and one such name
-# made Envoy reject every later route update.
-_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
-_ENDPOINT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")
-# Free text that reaches a response body or a probe's comparison: any character but control ones.
-_TEXT = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")
-_UNFIT_IN_ID = re.compile(r"[^A-Za-z0-9._-]")
-_MODEL_ID_RULE = "1-200 characters: letters, digits and . _ : / @ + - (no spaces or control characters)"
-_ENDPOINT_ID_RULE = "1-100 characters of letters, digits, '.', '_' or '-'"
-
-
-def check_model_name(value: str) -> str:
-    """A model id or alias, or ValueError saying the rule."""
-    if not isinstance(value, str) or not _MODEL_ID.fullmatch(value):
-        raise ValueError(f"{value!r} is not a valid model name: {_MODEL_ID_RULE}")
-    return value
-
-
-def check_endpoint_id(value: str) -> str:
-    if not isinstance(value, str) or not _ENDPOINT_ID.fullmatch(value):
-        raise ValueError(f"{value!r} is not a valid endpoint id: {_ENDPOINT_ID_RULE}")
-    return value
-
-
-def default_endpoint_id(model_id: str, index: int) -> str:
-    """`<model id>-<index>`, with characters unfit for an endpoint id (the `/` of `org/model`) as `-`."""
-    return _UNFIT_IN_ID.sub("-", f"{model_id}-{index}")[-100:].lstrip("-._") or f"endpoint-{index}"
-
-
-def _check_text(value: str) -> str:
-    if not _TEXT.fullmatch(value):
-        raise ValueError("must be 1-200 characters without control characters")
-    return value
-
-
-def _check_url_text(value: str) -> str:
-    # urlsplit silently drops tabs and newlines, so they must be refused before it parses the URL.
-    if any(ch.isspace() or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in value):
-        raise ValueError("must not contain spaces or control characters")
-    return value
-
-
-def _owned_cluster_fields() -> dict[str, str]:
-    """Cluster fields the gateway sets itself, under both spellings the JSON parser accepts: the
-    cluster's name (routes and metrics use it), how it finds its endpoints (EDS, which the snapshot's
-    consistency check and every health or drain change rely on)."""
-    from envoy.config.cluster.v3 import cluster_pb2
-
-    fields = cluster_pb2.Cluster.DESCRIPTOR.fields_by_name
-    owned = ("name", "alt_stat_name", "type", "cluster_type", "eds_cluster_config", "load_assignment")
-    return {spelling: name for name in owned for spelling in (name, fields[name].json_name)}
+from control_plane.config.cluster_overrides import check_cluster_overrides
+from control_plane.config.names import (
+    ENDPOINT_ID,
+    ENDPOINT_ID_RULE,
+    HEADER_NAME,
+    MODEL_ID,
+    MODEL_ID_RULE,
+    check_text,
+    check_url_text,
+    default_endpoint_id,
+)
 
 
 class EngineKind(StrEnum):
@@ -100,19 +57,19 @@ class EndpointConfig(_Frozen):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str | None) -> str | None:
-        if value is not None and not _ENDPOINT_ID.fullmatch(value):
-            raise ValueError(f"must be {_ENDPOINT_ID_RULE}")
+        if value is not None and not ENDPOINT_ID.fullmatch(value):
+            raise ValueError(f"must be {ENDPOINT_ID_RULE}")
         return value
 
     @field_validator("gpu_metrics_url")
     @classmethod
     def _check_gpu_url(cls, value: str | None) -> str | None:
-        return None if value is None else _check_url_text(value)
+        return None if value is None else check_url_text(value)
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        _check_url_text(value)
+        check_url_text(value)
         parts = urlsplit(value)
         if parts.scheme == "https":
             raise ValueError("https:// model servers are not supported yet; use http:// on a trusted network")
@@ -288,49 +245,27 @@ class ModelConfig(_Frozen):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
-        if not _MODEL_ID.fullmatch(value):
-            raise ValueError(f"must be {_MODEL_ID_RULE}")
+        if not MODEL_ID.fullmatch(value):
+            raise ValueError(f"must be {MODEL_ID_RULE}")
         return value
 
     @field_validator("aliases")
     @classmethod
     def _check_aliases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for alias in value:
-            if not _MODEL_ID.fullmatch(alias):
-                raise ValueError(f"alias {alias!r} must be {_MODEL_ID_RULE}")
+            if not MODEL_ID.fullmatch(alias):
+                raise ValueError(f"alias {alias!r} must be {MODEL_ID_RULE}")
         return value
 
     @field_validator("owned_by", "served_model")
     @classmethod
     def _check_texts(cls, value: str | None) -> str | None:
-        return None if value is None else _check_text(value)
+        return None if value is None else check_text(value)
 
     @field_validator("cluster_overrides")
     @classmethod
     def _check_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
-        owned = _owned_cluster_fields()
-        taken = [key for key in value if key in owned]
-        if taken:
-            raise ValueError(
-                "; ".join(
-                    f"cluster_overrides.{key}: set by the gateway (the cluster's name and its EDS "
-                    "endpoints are what routes, health and drains rely on), it cannot be overridden"
-                    for key in taken
-                )
-            )
-        # Parse now so that a typo fails the load with its path; Envoy still validates the values.
-        from envoy.config.cluster.v3 import cluster_pb2
-        from google.protobuf import json_format
-
-        from control_plane.xds.builders._common import register_extension_types
-
-        register_extension_types()
-
-        try:
-            json_format.ParseDict(value, cluster_pb2.Cluster())
-        except json_format.ParseError as exc:
-            raise ValueError(f"not a valid Envoy Cluster fragment: {exc}") from None
-        return value
+        return check_cluster_overrides(value)
 
     def endpoint_id(self, index: int) -> str:
         """The endpoint's id, or `<model id>-<index>` with characters unfit for an id (such as the `/` of
@@ -391,7 +326,7 @@ class GatewaySettings(_Frozen):
     @field_validator("model_header")
     @classmethod
     def _check_model_header(cls, value: str) -> str:
-        if not _HEADER_NAME.fullmatch(value):
+        if not HEADER_NAME.fullmatch(value):
             raise ValueError("must be a lower-case header name: letters a-z, digits and '-'")
         return value
 

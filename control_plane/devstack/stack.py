@@ -227,6 +227,10 @@ class LocalStack:
             "--disable-hot-restart",
             "--drain-time-s",
             "1",
+            # Access-log lines reach the file within a second instead of Envoy's default 10 s, so an
+            # operator tailing it sees a request as it ends.
+            "--file-flush-interval-msec",
+            "1000",
         ]
         process = ManagedProcess(f"envoy-{node_id}", argv, self._log(f"envoy-{node_id}")).start()
         handle = EnvoyHandle(process=process, node_id=node_id, listen_port=listen_port, admin_port=admin_port)

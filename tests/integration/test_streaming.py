@@ -102,7 +102,7 @@ def test_long_stream_outlives_the_idle_timeout_and_a_hung_one_is_cut(make_stack:
 
 def test_request_timeout_cuts_a_slow_body_but_never_a_long_stream(make_stack: StackFactory) -> None:
     """The gateway's request timeout bounds receiving the request only: a body that never finishes is cut
-    with 408 in seconds, while a generation streaming for a full minute goes on to its end."""
+    with 408 in seconds, while a generation streaming for six times that limit goes on to its end."""
     port = free_port()
     stack = make_stack(
         registry(model("qwen2", "tgi", [port]), request_receive_timeout_s=2),
@@ -122,6 +122,6 @@ def test_request_timeout_cuts_a_slow_body_but_never_a_long_stream(make_stack: St
 
     with httpx.Client(timeout=httpx.Timeout(10, read=30)) as client:
         started = time.monotonic()
-        status, events, _ = stream_events(client, url, chat_body("qwen2", 120))
+        status, events, _ = stream_events(client, url, chat_body("qwen2", 24))
         assert status == 200 and events[-1][1] == "[DONE]", events[-3:]
-        assert time.monotonic() - started >= 59  # 120 tokens at 500 ms: a minute of streaming, not cut
+        assert time.monotonic() - started >= 11.5  # 24 tokens at 500 ms: 12 s of streaming, not cut
