@@ -104,7 +104,10 @@ def static_gateway_bootstrap(
     as a dict (for its filters)."""
     registry = parse_registry(doc)
     state = build_state(registry, lambda host: host)
-    snapshot = build_snapshot(state, NodeParams(listen_address="127.0.0.1", listen_port=listen_port))
+    # The access log goes to /dev/null: Envoy formats every line as the local stack's file log does, and
+    # the disk is left out of the figure.
+    node = NodeParams(listen_address="127.0.0.1", listen_port=listen_port, access_log_path="/dev/null")
+    snapshot = build_snapshot(state, node)
     listener = listener_pb2.Listener()
     listener.CopyFrom(next(iter(snapshot.resources[LISTENER].values())))
     route = next(iter(snapshot.resources[ROUTE].values()))
@@ -213,6 +216,18 @@ def missing_model_first(bootstrap: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def without_hcm_fields(*fields: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The bootstrap with the connection manager's ``fields`` taken out (access logs, header rules)."""
+
+    def transform(bootstrap: dict[str, Any]) -> dict[str, Any]:
+        out = copy.deepcopy(bootstrap)
+        for field in fields:
+            _hcm(out).pop(field, None)
+        return out
+
+    return transform
+
+
 # ------------------------------------------------------------------ Envoy ablation
 @dataclass(frozen=True)
 class Variant:
@@ -241,6 +256,11 @@ def variants(upstream_port: int, settings: ProfileSettings) -> list[Variant]:
         doc = one_model_doc(upstream_port) if models == 1 else many_models_doc(upstream_port, models)
         return lambda lp, ap: static_gateway_bootstrap(doc, lp, ap)[0]
 
+    def one_then(
+        transform: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> Callable[[int, int], dict[str, Any]]:
+        return lambda lp, ap: transform(gateway(1)(lp, ap))
+
     def many_then(
         transform: Callable[[dict[str, Any]], dict[str, Any]],
     ) -> Callable[[int, int], dict[str, Any]]:
@@ -255,6 +275,16 @@ def variants(upstream_port: int, settings: ProfileSettings) -> list[Variant]:
             lambda lp, ap: with_filters(bare(lp, ap), metadata),
         ),
         Variant("gateway", "4. the gateway's listener, routes and cluster (1 model)", gateway(1)),
+        Variant(
+            "gateway-no-logs",
+            "4a. as 4, without the access logs (JSON file, local-reply stream)",
+            one_then(without_hcm_fields("access_log")),
+        ),
+        Variant(
+            "gateway-no-early",
+            "4b. as 4, without the early header rules (x-envoy-* stripped, x-request-id bounded)",
+            one_then(without_hcm_fields("early_header_mutation_extensions")),
+        ),
         Variant("some-last", f"5. the same, {some} models, request for the last", gateway(some)),
         Variant("many-last", f"6. the same, {many} models, request for the last", gateway(many)),
         Variant(
