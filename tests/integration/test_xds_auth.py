@@ -145,7 +145,8 @@ def test_load_reports_without_the_credential_do_not_touch_in_flight(stack: Local
 
 def test_a_node_that_stops_reporting_cannot_hold_a_drain(stack: LocalStack) -> None:
     """A second, authenticated node connects over ADS and LRS, reports once, then goes silent (streams
-    open, no ACKs): the drain still reports done, once that node counts as lagging."""
+    open, no ACKs): the admin call names it as lagging instead of hanging on it, later calls do not wait
+    for it again, and the drain still reports done, once that node counts as lagging."""
     token = stack.xds_token("stuck-1")
 
     with admin_client(stack, timeout_s=30) as admin:
@@ -166,6 +167,18 @@ def test_a_node_that_stops_reporting_cannot_hold_a_drain(stack: LocalStack) -> N
             await until(stuck_reported, 10, "the stuck node's report")
             drain = await asyncio.to_thread(admin.post, "/admin/endpoints/qwen2-0/drain")
             drain.raise_for_status()
+            # The real Envoy has the change; the silent node is named, not waited for without end.
+            assert drain.json()["sync"]["applied_to"] == ["gateway-0"], drain.json()["sync"]
+            assert drain.json()["sync"]["lagging"] == ["stuck-1"], drain.json()["sync"]
+            status = (await asyncio.to_thread(admin.get, "/admin/status")).json()
+            envoys = {e["node"]: e for e in status["envoys"]}
+            assert envoys["stuck-1"]["lagging"] is True and envoys["gateway-0"]["lagging"] is False
+            # A later change does not wait the whole bound (3 s) again for a node known to lag.
+            started = time.monotonic()
+            change = await asyncio.to_thread(admin.post, "/admin/endpoints/qwen2-1/drain")
+            assert time.monotonic() - started < 2.5, "a known-lagging node held up the next admin call"
+            assert change.json()["sync"]["lagging"] == ["stuck-1"]
+            (await asyncio.to_thread(admin.post, "/admin/endpoints/qwen2-1/undrain")).raise_for_status()
             await until(
                 lambda: admin.get("/admin/endpoints/qwen2-0").json()["drained"] is True,
                 30,
