@@ -2,12 +2,17 @@
 
 No generation: each request pays a prefill-only cost through the same scheduler. Inputs longer than
 ``MAX_INPUT_LENGTH`` tokens are truncated (as TEI with ``--auto-truncate``).
+
+Keys TEI does not know (such as the ``model`` a client puts in an ``/embed`` body so that the gateway can
+route it) are ignored, as TEI's own request parsing does. ``/v1/rerank`` (Jina/Cohere shape, as vLLM's
+pooling models serve it) is an addition of the simulator: a real TEI answers only ``/rerank``.
 """
 
 from __future__ import annotations
 
 import base64
 import struct
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -25,9 +30,11 @@ SPECIAL_TOKENS_PER_INPUT = 2
 
 
 def add_routes(app: web.Application) -> None:
+    app.router.add_post("/", root)
     app.router.add_post("/embed", embed)
     app.router.add_post("/rerank", rerank)
     app.router.add_post("/v1/embeddings", openai_embeddings)
+    app.router.add_post("/v1/rerank", openai_rerank)
     app.router.add_get("/info", info)
 
 
@@ -82,6 +89,16 @@ async def embed(request: web.Request) -> web.Response:
     return web.json_response([embed_text(t, dim, seed, normalize=normalize) for t in texts])
 
 
+async def root(request: web.Request) -> web.Response:
+    """TEI's root route, what ``InferenceClient(base_url=...).feature_extraction`` posts to.
+
+    A real TEI binds it to the one task of its model (embed, or rerank for a reranker); the simulator
+    serves both, so the body's shape decides: a ``query`` asks for a rerank.
+    """
+    _, body = await _body(request)  # aiohttp keeps the body: the handler below reads it again
+    return await (rerank(request) if "query" in body else embed(request))
+
+
 async def rerank(request: web.Request) -> web.Response:
     ctx, body = await _body(request)
     try:
@@ -104,6 +121,49 @@ async def rerank(request: web.Request) -> web.Response:
         results.append(item)
     results.sort(key=lambda r: (-r["score"], r["index"]))
     return web.json_response(results)
+
+
+def _top_n(body: dict[str, Any], count: int) -> int:
+    top_n = body.get("top_n")
+    if top_n is None:
+        return count
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+        raise ApiError(400, "`top_n` must be a positive integer", "validation")
+    return min(top_n, count)
+
+
+async def openai_rerank(request: web.Request) -> web.Response:
+    """``{model, query, documents, top_n?, return_documents?}`` → results by descending relevance."""
+    ctx, body = await _body(request)
+    try:
+        query = body.get("query")
+        if not isinstance(query, str) or not query:
+            raise ApiError(400, "`query` is required and must be a non-empty string", "validation")
+        documents = _texts(body.get("documents"), "documents")
+        top_n = _top_n(body, len(documents))
+        return_documents = optional_bool(body, "return_documents", default=True)
+    except ApiError:
+        ctx.engine.record_rejected()
+        raise
+    tokens = sum(input_tokens(query) + input_tokens(d) for d in documents)
+    await _run(ctx, tokens)
+    seed = ctx.config.seed
+    scored = [(sigmoid(rerank_logit(query, doc, seed)), index, doc) for index, doc in enumerate(documents)]
+    scored.sort(key=lambda r: (-r[0], r[1]))
+    results: list[dict[str, Any]] = []
+    for score, index, doc in scored[:top_n]:
+        item: dict[str, Any] = {"index": index, "relevance_score": score}
+        if return_documents:
+            item["document"] = {"text": doc}
+        results.append(item)
+    return web.json_response(
+        {
+            "id": f"rerank-{uuid.uuid4().hex}",
+            "model": ctx.config.model_id,
+            "usage": {"total_tokens": tokens},
+            "results": results,
+        }
+    )
 
 
 def _encode_base64(vector: list[float]) -> str:

@@ -129,6 +129,11 @@ def _timing_headers(outcome: Outcome) -> dict[str, str]:
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
+    body, headers = await _generate(request)
+    return web.json_response(body, headers=headers)
+
+
+async def _generate(request: web.Request) -> tuple[dict[str, Any], dict[str, str]]:
     ctx, parsed = await _parse(request)
     try:
         async with ctx.engine.generation(parsed.job) as gen:
@@ -147,7 +152,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             "prefill": _prefill(parsed.inputs, outcome.prompt_tokens) if parsed.decoder_input_details else [],
             "tokens": [_token_json(t) for t in tokens],
         }
-    return web.json_response(body, headers=_timing_headers(outcome))
+    return body, _timing_headers(outcome)
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
@@ -197,7 +202,9 @@ async def _stream(request: web.Request, gen: Generation, parsed: GenerateRequest
 
 
 async def compat_generate(request: web.Request) -> web.StreamResponse:
-    """TGI's ``POST /``: ``/generate_stream`` when the body says ``"stream": true``, else ``/generate``."""
+    """TGI's ``POST /``: ``/generate_stream`` when the body says ``"stream": true``, else ``/generate``'s
+    answer in a list of one (as TGI's router does; ``text_generation.Client`` and ``InferenceClient`` read
+    ``[0]``)."""
     ctx = get_context(request)
     try:
         body = await read_json_object(request)
@@ -205,7 +212,10 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
     except ApiError:
         ctx.engine.record_rejected()
         raise
-    return await (generate_stream(request) if stream else generate(request))
+    if stream:
+        return await generate_stream(request)
+    body, headers = await _generate(request)
+    return web.json_response([body], headers=headers)
 
 
 async def info(request: web.Request) -> web.Response:

@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from control_plane.config.cluster_overrides import check_cluster_overrides
 from control_plane.config.names import (
@@ -25,6 +25,7 @@ from control_plane.config.names import (
     check_url_text,
     default_endpoint_id,
 )
+from control_plane.config.scenarios import Scenario, Scenarios, effective_scenarios
 
 
 class EngineKind(StrEnum):
@@ -232,6 +233,11 @@ class ModelConfig(_Frozen):
         "any alias.",
     )
     health: HealthCheck | None = Field(default=None, description="Overrides the registry-wide health check.")
+    scenarios: Scenarios = Field(
+        default_factory=dict, description="/v1/generate scenarios of this model alone, over the registry's."
+    )
+    # The registry-wide scenarios, set by Registry (a private attribute: not a key of the file).
+    _registry_scenarios: dict[str, Scenario] = PrivateAttr(default_factory=dict)
     endpoints: tuple[EndpointConfig, ...] = ()
     limits: ModelLimits = ModelLimits()
     retry: RetryPolicy = RetryPolicy()
@@ -283,6 +289,11 @@ class ModelConfig(_Frozen):
     def names(self) -> tuple[str, ...]:
         """Every name a client may use for this model: its id first, then its aliases."""
         return (self.id, *self.aliases)
+
+    @property
+    def generate_scenarios(self) -> dict[str, Scenario]:
+        """The /v1/generate scenarios of this model: defaults, the registry's, then its own."""
+        return effective_scenarios(self._registry_scenarios, self.scenarios)
 
 
 class AccessLogSettings(_Frozen):
@@ -351,7 +362,19 @@ class Registry(_Frozen):
     health: HealthCheck = HealthCheck()
     telemetry: Telemetry = Telemetry()
     alerting: Alerting = Alerting()
+    scenarios: Scenarios = Field(
+        default_factory=dict,
+        description="/v1/generate prompt templates by name, added to (or replacing) the defaults qa, "
+        "summarize and rewrite; see docs/api.md.",
+    )
     models: tuple[ModelConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _share_scenarios(self) -> Registry:
+        # Each model carries the registry-wide scenarios, so route building needs the model alone.
+        for model in self.models:
+            model._registry_scenarios = dict(self.scenarios)
+        return self
 
     @model_validator(mode="after")
     def _check_unique_names(self) -> Registry:

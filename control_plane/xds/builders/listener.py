@@ -5,12 +5,15 @@ Envoy and must never reach an engine), and a client's `x-request-id` is kept onl
 characters of letters, digits and `._:-`; otherwise it is dropped and Envoy makes a fresh one.
 
 Filter chain on the request path (all request-side, so SSE answers stream through untouched):
-1. header_to_metadata: the model header (`x-model-id`) → metadata `gateway.model`.
+1. header_to_metadata: the model header (`x-model-id`) → metadata `gateway.model`; a model named in the
+   path (`/models/{model}/...`, `/v1/models/{model}`, see route.py) overwrites it.
 2. buffer: holds the body up to `max_request_body_bytes` (413 above it).
-3. json_to_metadata: the body's top-level `model` → `gateway.model`, overwriting the header's value:
+3. json_to_metadata: the body's top-level `model` (or `model_id`, /v1/generate's name for it) →
+   `gateway.model`, overwriting the header's value:
    the body wins when both are given, so a header can never send a body's request to another model.
    A body that is not JSON, or not sent as `application/json`, sets `gateway.body_invalid`.
-4. router (suppress_envoy_headers: no x-envoy-* request or response headers of its own).
+4. lua: /v1/generate ⇄ chat completions, and served_model into `model` (generate.py).
+5. router (suppress_envoy_headers: no x-envoy-* request or response headers of its own).
 
 Timeouts of the client side: request_headers_timeout for the headers, request_timeout for the whole
 request; Envoy disarms the latter once the request is fully received (the buffer filter holds it until
@@ -35,8 +38,9 @@ from control_plane.config.schema import GatewaySettings
 from control_plane.state import NodeParams
 from control_plane.xds.builders._common import ads_source, seconds, uint32
 from control_plane.xds.builders.access_log import build_access_logs
+from control_plane.xds.builders.generate import LUA_FILTER_NAME, build_lua_filter
 from control_plane.xds.builders.local_reply import build_local_reply_config
-from control_plane.xds.builders.route import BODY_INVALID_KEY, MODEL_KEY, MODEL_MISSING_KEY
+from control_plane.xds.builders.route import BODY_INVALID_KEY, MODEL_KEY, MODEL_MISSING_KEY, MODEL_PATH_REGEX
 from control_plane.xds.resources import LISTENER_NAME, METADATA_NAMESPACE, ROUTE_CONFIG_NAME
 
 
@@ -58,7 +62,19 @@ def _model_header_filter(settings: GatewaySettings) -> h2m.Config:
                 on_header_present=h2m.Config.KeyValuePair(
                     metadata_namespace=METADATA_NAMESPACE, key=MODEL_KEY, type=h2m.Config.STRING
                 ),
-            )
+            ),
+            # After the header, so the path wins. A path naming no model rewrites to "", which sets nothing.
+            h2m.Config.Rule(
+                header=":path",
+                on_header_present=h2m.Config.KeyValuePair(
+                    metadata_namespace=METADATA_NAMESPACE,
+                    key=MODEL_KEY,
+                    type=h2m.Config.STRING,
+                    regex_value_rewrite=regex_pb2.RegexMatchAndSubstitute(
+                        pattern=regex_pb2.RegexMatcher(regex=MODEL_PATH_REGEX), substitution="\\1\\2"
+                    ),
+                ),
+            ),
         ]
     )
 
@@ -68,6 +84,16 @@ def _json_body_filter() -> j2m.JsonToMetadata:
     return j2m.JsonToMetadata(
         request_rules=j2m.JsonToMetadata.MatchRules(
             rules=[
+                # /v1/generate names its model `model_id` (the seeds' API). First, so that a `model`
+                # in the same body still wins.
+                j2m.JsonToMetadata.Rule(
+                    selectors=[j2m.JsonToMetadata.Selector(key="model_id")],
+                    on_present=kv(
+                        metadata_namespace=METADATA_NAMESPACE,
+                        key=MODEL_KEY,
+                        type=j2m.JsonToMetadata.PROTOBUF_VALUE,
+                    ),
+                ),
                 j2m.JsonToMetadata.Rule(
                     selectors=[j2m.JsonToMetadata.Selector(key=MODEL_KEY)],
                     # PROTOBUF_VALUE keeps the JSON type: a number or bool `model` is told apart from a name.
@@ -145,6 +171,8 @@ def build_connection_manager(settings: GatewaySettings, node: NodeParams) -> hcm
                 buffer_pb2.Buffer(max_request_bytes=uint32(settings.max_request_body_bytes)),
             ),
             _http_filter("envoy.filters.http.json_to_metadata", _json_body_filter()),
+            # /v1/generate and served_model renaming, on model routes only (generate.py).
+            _http_filter(LUA_FILTER_NAME, build_lua_filter()),
             # No x-envoy-expected-rq-timeout-ms or attempt count to the engines, no
             # x-envoy-upstream-service-time to clients.
             _http_filter("envoy.filters.http.router", router_pb2.Router(suppress_envoy_headers=True)),
@@ -164,6 +192,9 @@ def build_connection_manager(settings: GatewaySettings, node: NodeParams) -> hcm
         # Normalised paths keep the API allow-list in route.py from being dodged with `..` or `//`.
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
+        # The OpenAI SDK sends `models.retrieve("org/name")` as /v1/models/org%2Fname. Envoy unescapes
+        # %2F (and %5C) before normalising and routing, so the allow-list and the engines see the same path.
+        path_with_escaped_slashes_action=hcm.HttpConnectionManager.UNESCAPE_AND_FORWARD,
         preserve_external_request_id=True,
         always_set_request_id_in_response=True,
     )

@@ -21,6 +21,9 @@ MODEL = "%DYNAMIC_METADATA(gateway:model)%"
 BODY = "%LOCAL_REPLY_BODY%"
 # Response header naming the error code of every reply Envoy makes itself (the body's `error.code`).
 ERROR_CODE_HEADER = "x-gateway-error-code"
+# The OpenAI SDKs read it before the status: `false` stops their retries of an error that a retry cannot
+# cure (they retry every 5xx, a disabled model's 503 included, and 408/409/429).
+NO_RETRY = (("x-should-retry", "false"),)
 # The code of a reply no rule matched (the default body format below).
 FALLBACK_CODE = "gateway_error"
 
@@ -45,13 +48,16 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
             "invalid_request_error",
             "model_not_found",
             f"The model `{MODEL}` does not exist.",
-            route_cel="xds.route_name == 'unknown-model'",
+            # unknown-model-info: GET /v1/models/{name}, the name read out of the path (listener.py).
+            route_cel="xds.route_name == 'unknown-model' || xds.route_name == 'unknown-model-info'",
+            headers=NO_RETRY,
         ),
         ReplyRule(
             "invalid_request_error",
             "model_disabled",
             BODY,
             route_cel="xds.route_name.startsWith('disabled:')",
+            headers=NO_RETRY,
         ),
         ReplyRule(
             "server_error",
@@ -65,6 +71,7 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
             "model_unavailable",
             f"No healthy endpoint is available for the model `{MODEL}`. Retry later.",
             flags=("UH",),
+            headers=(("retry-after", "1"),),
         ),
         # Upstream failures, each by its cause. A failure whose retry the retry budget refused carries
         # UO (overflow) next to its cause's flag, so the causes come first and model_overloaded is left
@@ -113,8 +120,9 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
             f"The request body is larger than the gateway's limit of "
             f"{settings.max_request_body_bytes} bytes.",
             status=413,
+            headers=NO_RETRY,
         ),
-        ReplyRule("invalid_request_error", "method_not_allowed", BODY, status=405),
+        ReplyRule("invalid_request_error", "method_not_allowed", BODY, status=405, headers=NO_RETRY),
         # Envoy refuses CONNECT itself (no upgrade is configured) with a bare 403: say what it is.
         ReplyRule(
             "invalid_request_error",
@@ -122,7 +130,7 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
             "CONNECT is not supported: the gateway serves GET /v1/models and POST inference paths.",
             status=403,
             new_status=405,
-            headers=(("allow", "GET, POST"),),
+            headers=(("allow", "GET, POST"), *NO_RETRY),
         ),
         # A client too slow to send its headers or whole request (after a stream-idle SI above, this is
         # Envoy's request_headers_timeout / request_timeout, which stop once the request is in).
@@ -134,8 +142,8 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
             f"{settings.request_receive_timeout_s:g} s).",
             status=408,
         ),
-        ReplyRule("invalid_request_error", "not_found", BODY, status=404),
-        ReplyRule("invalid_request_error", "invalid_request", BODY, status=400),
+        ReplyRule("invalid_request_error", "not_found", BODY, status=404, headers=NO_RETRY),
+        ReplyRule("invalid_request_error", "invalid_request", BODY, status=400, headers=NO_RETRY),
     )
 
 

@@ -2,8 +2,8 @@
 
 Route order is the contract (first match wins):
 1. `CONNECT`: 405 (Envoy itself refuses it first, see local_reply.py; the route is a backstop).
-2. `GET /v1/models`, `/v1/models/{name}`, `GET /health`: answered by Envoy itself; any other method on
-   them: 405 with `allow: GET`.
+2. `GET /v1/models`, `/v1/models/{name}`, `GET /health`: answered by Envoy itself (an unknown name:
+   404 model_not_found); any other method on them: 405 with `allow: GET`.
 3. a path outside the inference API allow-list: 404 (engines' admin paths are never exposed).
 4. any method but POST on an inference path: 405 with `allow: POST`.
 5. a body that is not JSON: 400; no model at all: 400.
@@ -12,8 +12,8 @@ Route order is the contract (first match wins):
 Envoy walks this list in order, twice per request (before and after the body sets the model), so what
 can be decided without the model list comes first, and each method check is one route, not one per model.
 
-The `model` metadata comes from the JSON body (json_to_metadata), else from the model header
-(header_to_metadata); the body wins when both are given, see `listener.py`.
+The `model` metadata comes from the JSON body (json_to_metadata), else from a `/models/{model}/...` path,
+else from the model header (header_to_metadata); see `listener.py`. The model routes strip that prefix.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from google.protobuf import any_pb2
 
 from control_plane.state import GatewayState, ModelState
 from control_plane.xds.builders._common import seconds, uint32
+from control_plane.xds.builders.generate import GENERATE_PATH, route_metadata
 from control_plane.xds.resources import METADATA_NAMESPACE, ROUTE_CONFIG_NAME, cluster_name
 
 # Paths of the inference APIs the gateway forwards (OpenAI, TGI native, TEI). Anything else, such as an
@@ -44,6 +45,21 @@ INFERENCE_PATHS = (
     "/generate_stream",
     "/embed",
     "/rerank",
+)
+
+# TGI-native clients (`text_generation.Client`, `huggingface_hub.InferenceClient(base_url=...)`) post to
+# their base URL itself and name no model: `/models/{model}` + an inference path (or `/`, TGI's root) names
+# it in the path. The listener reads the name out of the path (MODEL_PATH_REGEX); the model's route strips
+# the prefix again (`_strip_model_prefix`).
+MODEL_PREFIX = "/models/"
+# The inference paths without their leading `/`, as found after `/models/{model}/`.
+_SUFFIXES = "|".join(re.escape(p[1:]) for p in INFERENCE_PATHS)
+# The same, shorter (Envoy refuses a regex whose RE2 program is over 100): any `/v1/...` path.
+_LOOSE_SUFFIXES = "|".join(["v1/[a-z_/]+", *(re.escape(p[1:]) for p in INFERENCE_PATHS if "/v1/" not in p)])
+# Group 1: the model named by `/models/{model}[/<inference path>]`; group 2: by `/v1/models/{model}` (for
+# the 404 of an unknown one). Any other path matches with both groups empty: no metadata is set.
+MODEL_PATH_REGEX = (
+    f"^(?:/models/([^?]+?)(?:/(?:{_LOOSE_SUFFIXES}))?/?|/v1/models/([^?]+)|[^?]*)(?:\\?.*)?$"
 )
 
 MODEL_KEY = "model"
@@ -153,6 +169,16 @@ def route_idle_timeout_s(model: ModelState) -> float:
     return model.config.limits.idle_timeout_s * (model.config.retry.timeout_retries + 1)
 
 
+def _strip_model_prefix() -> regex_pb2.RegexMatchAndSubstitute:
+    """`/models/{model}[/<inference path>]` → the engine's own path, `/` (TGI's root) when no inference
+    path follows: whatever the path holds, an engine is sent an inference path or `/`, never its /metrics.
+    Not tied to the route's name: a model name may be 200 characters, too long for Envoy's regex limit."""
+    return regex_pb2.RegexMatchAndSubstitute(
+        pattern=regex_pb2.RegexMatcher(regex=f"^{re.escape(MODEL_PREFIX)}[^?]+?(?:/({_SUFFIXES}))?/?$"),
+        substitution="/\\1",
+    )
+
+
 def _model_routes(model: ModelState) -> list[rc.Route]:
     routes = []
     for name in model.config.names:
@@ -168,6 +194,8 @@ def _model_routes(model: ModelState) -> list[rc.Route]:
             rc.Route(
                 name=f"model:{name}",
                 match=match,
+                # Read by the Lua filter: /v1/generate scenarios and served_model (generate.py).
+                metadata=route_metadata(model.config),
                 route=rc.RouteAction(
                     cluster=cluster_name(model.id),
                     timeout=seconds(limits.request_timeout_s),
@@ -175,6 +203,7 @@ def _model_routes(model: ModelState) -> list[rc.Route]:
                     # elsewhere if nothing reached the client yet; this outer bound covers all tries.
                     idle_timeout=seconds(route_idle_timeout_s(model)),
                     retry_policy=_retry_policy(model),
+                    regex_rewrite=_strip_model_prefix(),
                 ),
                 request_headers_to_add=[
                     base_pb2.HeaderValueOption(
@@ -222,10 +251,18 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
                 _direct(f"model-info:{n}", rc.RouteMatch(path=f"/v1/models/{n}"), 200, body)
                 for n in model.config.names
             )
+    # The model's name is in the metadata (listener.py reads it out of the path) for the error's message.
+    routes.append(_direct("unknown-model-info", rc.RouteMatch(path_separated_prefix="/v1/models"), 404, ""))
     routes.append(_direct("health", _get("/health"), 200, '{"status":"ok"}'))
     routes.append(_not_allowed("health-method", rc.RouteMatch(path="/health"), "GET"))
 
-    allowed = "|".join(re.escape(p) for p in INFERENCE_PATHS)
+    # An inference path, /v1/generate (its model is in the body's `model_id` alone); TGI's root `/`, or
+    # anything after `/models/` (the model route keeps only an inference path of it, `_strip_model_prefix`).
+    # Two regexes, each under Envoy's RE2 program size limit (100); a path is unknown if neither matches.
+    allowed = (
+        "|".join([re.escape(GENERATE_PATH), *(re.escape(p) for p in INFERENCE_PATHS)]),
+        f"/|{re.escape(MODEL_PREFIX)}[^?]+",
+    )
     routes.append(
         _direct(
             "unknown-path",
@@ -235,15 +272,18 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
                     rc.HeaderMatcher(
                         name=":path",
                         string_match=string_pb2.StringMatcher(
-                            safe_regex=regex_pb2.RegexMatcher(regex=f"^({allowed})(\\?.*)?$")
+                            safe_regex=regex_pb2.RegexMatcher(regex=f"^({paths})(\\?.*)?$")
                         ),
                         invert_match=True,
                     )
+                    for paths in allowed
                 ],
             ),
             404,
             "Unknown API path. The gateway serves: GET /v1/models, "
-            + ", ".join(f"POST {p}" for p in INFERENCE_PATHS),
+            + ", ".join(f"POST {p}" for p in INFERENCE_PATHS)
+            + f", POST {GENERATE_PATH}"
+            + ", POST / (TGI), and each of those after /models/{model}",
         )
     )
     # Only inference paths get this far: they take POST alone (a PUT, HEAD or OPTIONS never reaches an
@@ -283,8 +323,8 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
                 ],
             ),
             400,
-            f"You must provide a model parameter: `model` in the JSON body as a non-empty string (or the "
-            f"`{state.settings.model_header}` header).",
+            f"You must provide a model parameter: `model` in the JSON body as a non-empty string (`model_id` "
+            f"for /v1/generate, or the `{state.settings.model_header}` header).",
         )
     )
     for model in state.models:

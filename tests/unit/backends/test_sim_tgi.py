@@ -80,12 +80,34 @@ def test_generate_stream_events(sim):
             assert last["details"]["finish_reason"] == "length"
             assert last["details"]["generated_tokens"] == 4
 
-            # POST / dispatches on "stream"
-            r = await c.post("/", json={"inputs": "x", "parameters": {"max_new_tokens": 2}})
-            assert r.json()["generated_text"]
-            r = await c.post("/", json={"inputs": "x", "stream": True, "parameters": {"max_new_tokens": 2}})
+    run(main())
+
+
+def test_root_answers_as_tgi_does(sim):
+    """TGI's `POST /` (what `text_generation.Client` and `InferenceClient(base_url=...)` call): a list of
+    one `/generate` answer, or `/generate_stream`'s events when the body says `"stream": true`."""
+
+    async def main():
+        async with sim("tgi") as s, httpx.AsyncClient(base_url=s.url) as c:
+            req = {"inputs": "x", "parameters": {"max_new_tokens": 2, "details": True}}
+            r = await c.post("/", json=req)
+            assert r.status_code == 200
+            assert r.headers["x-generated-tokens"] == "2"
+            body = r.json()
+            assert isinstance(body, list) and len(body) == 1, body
+            assert len(body[0]["generated_text"].split()) == 2
+            assert body[0]["details"]["generated_tokens"] == 2
+            # The same generation as /generate's (the simulator is deterministic per input).
+            assert body[0] == (await c.post("/generate", json=req)).json()
+
+            r = await c.post("/", json={**req, "stream": True})
             assert r.headers["content-type"].startswith("text/event-stream")
-            assert r.text.count("data: ") == 2
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+            assert [e["index"] for e in events] == [1, 2]
+            assert events[-1]["generated_text"] == body[0]["generated_text"]
+
+            r = await c.post("/", json={"parameters": {}})
+            assert r.status_code == 400
 
     run(main())
 

@@ -23,7 +23,8 @@ def problems_of(doc: object) -> list[str]:
 
 def test_the_shipped_registry_is_valid() -> None:
     registry = load_registry(REPO / "models.yaml")
-    assert [m.id for m in registry.models] == ["qwen2", "llama3"]
+    assert [m.id for m in registry.models] == ["qwen2", "llama3", "bge-m3", "bge-reranker-v2-m3"]
+    assert {m.engine.value for m in registry.models} == {"tgi", "vllm", "tei"}
     assert registry.model("qwen").id == "qwen2"  # type: ignore[union-attr]
     assert registry.models[1].endpoint_id(1) == "llama3-vllm-1"
 
