@@ -45,6 +45,7 @@ from control_plane.config import parse_registry
 from control_plane.devstack.procs import free_port
 from control_plane.state import NodeParams, build_state
 from control_plane.xds.builders import build_snapshot
+from control_plane.xds.builders.generate import LUA_FILTER_NAME
 from control_plane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from loadtest._common import (
     ProcessCpu,
@@ -228,6 +229,18 @@ def without_hcm_fields(*fields: str) -> Callable[[dict[str, Any]], dict[str, Any
     return transform
 
 
+def without_http_filter(name: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The bootstrap with the HTTP filter ``name`` taken out of the connection manager's chain."""
+
+    def transform(bootstrap: dict[str, Any]) -> dict[str, Any]:
+        out = copy.deepcopy(bootstrap)
+        manager = _hcm(out)
+        manager["http_filters"] = [f for f in manager["http_filters"] if f["name"] != name]
+        return out
+
+    return transform
+
+
 # ------------------------------------------------------------------ Envoy ablation
 @dataclass(frozen=True)
 class Variant:
@@ -284,6 +297,11 @@ def variants(upstream_port: int, settings: ProfileSettings) -> list[Variant]:
             "gateway-no-early",
             "4b. as 4, without the early header rules (x-envoy-* stripped, x-request-id bounded)",
             one_then(without_hcm_fields("early_header_mutation_extensions")),
+        ),
+        Variant(
+            "gateway-no-lua",
+            "4c. as 4, without the Lua filter (/v1/generate, served_model)",
+            one_then(without_http_filter(LUA_FILTER_NAME)),
         ),
         Variant("some-last", f"5. the same, {some} models, request for the last", gateway(some)),
         Variant("many-last", f"6. the same, {many} models, request for the last", gateway(many)),
