@@ -278,18 +278,27 @@ local function rename_model(handle, served)
   end
 end
 
-function envoy_on_request(handle)
-  local meta = handle:metadata()
-  local id = meta:get("id")
-  if not id then return end -- not a model route: Envoy answers it itself
-  local path = handle:headers():get(":path")
-  if path == "/v1/generate" or string.sub(path, 1, 13) == "/v1/generate?" then
+-- The same code serves two filters (generate.py): the generate filter, which Envoy enters only for
+-- /v1/generate, and the rename filter (RENAME_ONLY set), entered only on the routes of models that set
+-- served_model, with that name in the route's metadata under the rename filter's name.
+if RENAME_ONLY then
+  function envoy_on_request(handle)
+    -- /v1/generate was translated by the generate filter, which wrote the served name already.
+    if handle:streamInfo():dynamicMetadata():get(NS) then return end
+    local served = handle:metadata():get("served_model")
+    -- Any path: a body without a top-level string `model` (TGI's /generate, TEI's /embed) is left alone.
+    if served then rename_model(handle, served) end
+  end
+else
+  function envoy_on_request(handle)
+    local meta = handle:metadata()
+    local id = meta:get("id")
+    if not id then return end -- not a model route: Envoy answers it itself
+    local path = handle:headers():get(":path")
+    if path ~= "/v1/generate" and string.sub(path, 1, 13) ~= "/v1/generate?" then return end
     return generate_request(handle, { id = id, engine = meta:get("engine"),
       served_model = meta:get("served_model"), scenarios = meta:get("scenarios") })
   end
-  local served = meta:get("served_model")
-  -- Any path: a body without a top-level string `model` (TGI's /generate, TEI's /embed) is left alone.
-  if served then rename_model(handle, served) end
 end
 
 local function generated(resp)
@@ -347,12 +356,14 @@ local function stream_response(handle)
   end
 end
 
-function envoy_on_response(handle)
-  local info = handle:streamInfo():dynamicMetadata():get(NS)
-  if not info then return end
-  if handle:headers():get(":status") ~= "200" then return end -- the engine's error, as it sent it
-  if info.stream then return stream_response(handle) end
-  local resp = decode(whole_body(handle))
-  if type(resp) ~= "table" then return end
-  set_body(handle, encode(generated(resp)))
+if not RENAME_ONLY then
+  function envoy_on_response(handle)
+    local info = handle:streamInfo():dynamicMetadata():get(NS)
+    if not info then return end
+    if handle:headers():get(":status") ~= "200" then return end -- the engine's error, as it sent it
+    if info.stream then return stream_response(handle) end
+    local resp = decode(whole_body(handle))
+    if type(resp) ~= "table" then return end
+    set_body(handle, encode(generated(resp)))
+  end
 end

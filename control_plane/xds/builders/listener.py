@@ -12,8 +12,9 @@ Filter chain on the request path (all request-side, so SSE answers stream throug
    `gateway.model`, overwriting the header's value:
    the body wins when both are given, so a header can never send a body's request to another model.
    A body that is not JSON, or not sent as `application/json`, sets `gateway.body_invalid`.
-4. lua: /v1/generate ⇄ chat completions, and served_model into `model` (generate.py).
-5. router (suppress_envoy_headers: no x-envoy-* request or response headers of its own).
+4. lua (generate): /v1/generate ⇄ chat completions; skipped by a matcher on any other path.
+5. lua (rename): served_model into `model`; entered only on the routes of models that set it.
+6. router (suppress_envoy_headers: no x-envoy-* request or response headers of its own).
 
 Timeouts of the client side: request_headers_timeout for the headers, request_timeout for the whole
 request; Envoy disarms the latter once the request is fully received (the buffer filter holds it until
@@ -38,7 +39,12 @@ from control_plane.config.schema import GatewaySettings
 from control_plane.state import NodeParams
 from control_plane.xds.builders._common import ads_source, seconds, uint32
 from control_plane.xds.builders.access_log import build_access_logs
-from control_plane.xds.builders.generate import LUA_FILTER_NAME, build_lua_filter
+from control_plane.xds.builders.generate import (
+    LUA_FILTER_NAME,
+    RENAME_FILTER_NAME,
+    build_generate_filter,
+    build_rename_filter,
+)
 from control_plane.xds.builders.local_reply import build_local_reply_config
 from control_plane.xds.builders.route import BODY_INVALID_KEY, MODEL_KEY, MODEL_MISSING_KEY, MODEL_PATH_REGEX
 from control_plane.xds.resources import LISTENER_NAME, METADATA_NAMESPACE, ROUTE_CONFIG_NAME
@@ -171,8 +177,10 @@ def build_connection_manager(settings: GatewaySettings, node: NodeParams) -> hcm
                 buffer_pb2.Buffer(max_request_bytes=uint32(settings.max_request_body_bytes)),
             ),
             _http_filter("envoy.filters.http.json_to_metadata", _json_body_filter()),
-            # /v1/generate and served_model renaming, on model routes only (generate.py).
-            _http_filter(LUA_FILTER_NAME, build_lua_filter()),
+            # /v1/generate (entered for that path only) and served_model renaming (entered only on the
+            # routes of models that set it): generate.py.
+            _http_filter(LUA_FILTER_NAME, build_generate_filter()),
+            _http_filter(RENAME_FILTER_NAME, build_rename_filter()),
             # No x-envoy-expected-rq-timeout-ms or attempt count to the engines, no
             # x-envoy-upstream-service-time to clients.
             _http_filter("envoy.filters.http.router", router_pb2.Router(suppress_envoy_headers=True)),

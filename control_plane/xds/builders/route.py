@@ -30,7 +30,7 @@ from google.protobuf import any_pb2
 
 from control_plane.state import GatewayState, ModelState
 from control_plane.xds.builders._common import seconds, uint32
-from control_plane.xds.builders.generate import GENERATE_PATH, route_metadata
+from control_plane.xds.builders.generate import GENERATE_PATH, rename_per_route, route_metadata
 from control_plane.xds.resources import METADATA_NAMESPACE, ROUTE_CONFIG_NAME, cluster_name
 
 # Paths of the inference APIs the gateway forwards (OpenAI, TGI native, TEI). Anything else, such as an
@@ -194,8 +194,10 @@ def _model_routes(model: ModelState) -> list[rc.Route]:
             rc.Route(
                 name=f"model:{name}",
                 match=match,
-                # Read by the Lua filter: /v1/generate scenarios and served_model (generate.py).
+                # Read by the generate filter: /v1/generate scenarios and served_model (generate.py).
                 metadata=route_metadata(model.config),
+                # The rename filter, on this route only if the model sets served_model.
+                typed_per_filter_config=rename_per_route(model.config),
                 route=rc.RouteAction(
                     cluster=cluster_name(model.id),
                     timeout=seconds(limits.request_timeout_s),

@@ -14,7 +14,7 @@ from control_plane.config import parse_registry
 from control_plane.config.scenarios import DEFAULT_SCENARIOS
 from control_plane.errors import ConfigError
 from control_plane.state import NodeParams, build_state
-from control_plane.xds.builders.generate import LUA_FILTER_NAME, lua_source, route_data
+from control_plane.xds.builders.generate import LUA_FILTER_NAME, RENAME_FILTER_NAME, lua_source, route_data
 from control_plane.xds.builders.listener import build_listener
 from control_plane.xds.builders.route import build_route_configuration
 
@@ -65,6 +65,13 @@ def test_model_routes_carry_the_data_and_direct_replies_do_not() -> None:
     for name in ("model:qwen2", "model:qwen"):
         meta = json_format.MessageToDict(by_name[name].metadata.filter_metadata[LUA_FILTER_NAME])
         assert meta["id"] == "qwen2" and meta["served_model"] == "Qwen2-7B-Instruct-GPTQ-Int4"
+        # Only a model with served_model has the rename filter entered on its routes.
+        assert RENAME_FILTER_NAME in by_name[name].typed_per_filter_config
+        assert by_name[name].metadata.filter_metadata[RENAME_FILTER_NAME]["served_model"] == (
+            "Qwen2-7B-Instruct-GPTQ-Int4"
+        )
+    other = [r for n, r in by_name.items() if n.startswith("model:") and not n.startswith("model:qwen")]
+    assert other and all(RENAME_FILTER_NAME not in r.typed_per_filter_config for r in other)
     assert LUA_FILTER_NAME not in by_name["disabled:off"].metadata.filter_metadata
     assert LUA_FILTER_NAME not in by_name["unknown-model"].metadata.filter_metadata
 
@@ -76,7 +83,10 @@ def test_listener_reads_model_id_and_runs_lua_before_the_router() -> None:
     listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
     names = [f.name for f in manager.http_filters]
     assert names.index("envoy.filters.http.json_to_metadata") < names.index(LUA_FILTER_NAME)
-    assert names[-1] == "envoy.filters.http.router" and names[-2] == LUA_FILTER_NAME
+    assert names[-3:] == [LUA_FILTER_NAME, RENAME_FILTER_NAME, "envoy.filters.http.router"]
+    # The generate filter is skipped by a matcher unless the path is /v1/generate.
+    generate = manager.http_filters[names.index(LUA_FILTER_NAME)].typed_config
+    assert generate.type_url.endswith("ExtensionWithMatcher") and b"/v1/generate" in generate.value
     body_rules = j2m.JsonToMetadata()
     manager.http_filters[names.index("envoy.filters.http.json_to_metadata")].typed_config.Unpack(body_rules)
     keys = [rule.selectors[0].key for rule in body_rules.request_rules.rules]
