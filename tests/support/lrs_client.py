@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-
-import grpc
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.endpoint.v3 import load_report_pb2
 from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
+
+from tests.support.grpc_stream import StreamClient
 
 
 def endpoint_report(cluster: str, host: str, port: int, in_progress: int) -> load_report_pb2.ClusterStats:
@@ -31,58 +29,16 @@ def endpoint_report(cluster: str, host: str, port: int, in_progress: int) -> loa
     )
 
 
-class LrsClient:
+class LrsClient(StreamClient[lrs_pb2.LoadStatsRequest, lrs_pb2.LoadStatsResponse]):
     def __init__(self, address: str, node_id: str, credential: str | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        super().__init__(address, credential)
         self._stub = lrs_pb2_grpc.LoadReportingServiceStub(self._channel)
         self._node = base_pb2.Node(id=node_id, cluster="test")
-        self._metadata = (("authorization", f"Bearer {credential}"),) if credential is not None else None
-        self._outbox: asyncio.Queue[lrs_pb2.LoadStatsRequest | None] = asyncio.Queue()
-        self._inbox: asyncio.Queue[lrs_pb2.LoadStatsResponse] = asyncio.Queue()
-        self._call: grpc.aio.StreamStreamCall | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    async def _requests(self) -> AsyncIterator[lrs_pb2.LoadStatsRequest]:
-        while True:
-            request = await self._outbox.get()
-            if request is None:
-                return
-            yield request
-
-    async def _read(self) -> None:
-        assert self._call is not None
-        async for response in self._call:
-            self._inbox.put_nowait(response)
 
     async def start(self, *clusters: load_report_pb2.ClusterStats) -> None:
         """Open the stream with Envoy's first message: the node, with figures as after a reconnect."""
-        self._call = self._stub.StreamLoadStats(self._requests(), metadata=self._metadata)
-        self._reader = asyncio.create_task(self._read())
-        self._outbox.put_nowait(lrs_pb2.LoadStatsRequest(node=self._node, cluster_stats=list(clusters)))
+        self._open(self._stub.StreamLoadStats)
+        self.report(*clusters)
 
     def report(self, *clusters: load_report_pb2.ClusterStats) -> None:
         self._outbox.put_nowait(lrs_pb2.LoadStatsRequest(node=self._node, cluster_stats=list(clusters)))
-
-    async def receive(self, timeout_s: float = 5.0) -> lrs_pb2.LoadStatsResponse:
-        return await asyncio.wait_for(self._inbox.get(), timeout=timeout_s)
-
-    async def refused(self, timeout_s: float = 10.0) -> grpc.StatusCode:
-        """Wait for the server to end the stream and return its status code; fail if it answered."""
-        assert self._reader is not None
-        try:
-            await asyncio.wait_for(asyncio.shield(self._reader), timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-        else:
-            raise AssertionError("the stream ended without an error status")
-        if not self._inbox.empty():
-            raise AssertionError("the server answered before refusing")
-        return code
-
-    async def close(self) -> None:
-        self._outbox.put_nowait(None)
-        if self._reader is not None:
-            self._reader.cancel()
-        if self._call is not None:
-            self._call.cancel()
-        await self._channel.close()
