@@ -36,6 +36,7 @@ from control_plane.state import (
 from control_plane.store.overlay import AdminStore, Applied, Flags
 from control_plane.vetting import ClusterChecker, build_checked, envoy_problems, startup_config
 from control_plane.xds.builders import build_snapshot
+from control_plane.xds.builders.cluster import build_cluster
 from control_plane.xds.builders.endpoint import build_load_assignment
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.envoy_check import cluster_problems
@@ -92,7 +93,8 @@ class ControlPlane:
         self._track_drains()
         self._state = build_state(self._applied.registry, resolver, self._inputs)
         # The clusters live now: a change has Envoy check only the clusters it alters.
-        self._clusters: dict[str, Any] = dict(self._build(self._state, NodeParams()).resources[CLUSTER])
+        # Only the clusters are built here: the full snapshots are built when the Envoys connect.
+        self._clusters: dict[str, Any] = {c.name: c for c in map(build_cluster, self._state.models)}
         self._previous = (self._applied, self._inputs)  # what a rejected change rolls back to
 
     @property

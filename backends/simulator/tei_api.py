@@ -99,12 +99,17 @@ async def root(request: web.Request) -> web.Response:
     return await (rerank(request) if "query" in body else embed(request))
 
 
+def _query(body: dict[str, Any]) -> str:
+    query = body.get("query")
+    if not isinstance(query, str) or not query:
+        raise ApiError(400, "`query` is required and must be a non-empty string", "validation")
+    return query
+
+
 async def rerank(request: web.Request) -> web.Response:
     ctx, body = await _body(request)
     try:
-        query = body.get("query")
-        if not isinstance(query, str) or not query:
-            raise ApiError(400, "`query` is required and must be a non-empty string", "validation")
+        query = _query(body)
         texts = _texts(body.get("texts"), "texts")
         raw_scores = optional_bool(body, "raw_scores")
         return_text = optional_bool(body, "return_text")
@@ -136,9 +141,7 @@ async def openai_rerank(request: web.Request) -> web.Response:
     """``{model, query, documents, top_n?, return_documents?}`` → results by descending relevance."""
     ctx, body = await _body(request)
     try:
-        query = body.get("query")
-        if not isinstance(query, str) or not query:
-            raise ApiError(400, "`query` is required and must be a non-empty string", "validation")
+        query = _query(body)
         documents = _texts(body.get("documents"), "documents")
         top_n = _top_n(body, len(documents))
         return_documents = optional_bool(body, "return_documents", default=True)

@@ -19,7 +19,8 @@ builders/access_log.py) over the ADS connection's cluster; this servicer counts 
   (envoy_cluster_upstream_rq_xx) count those already. `route`: answered before any cluster (route table,
   buffer, timeouts of the client side); in no Envoy stat per model. Recording rules add only `route`.
 
-The stream is authenticated like ADS and LRS (the node's bearer credential, `xds/auth.py`). Envoy buffers
+The stream is authenticated with the deployment's access-log credential (`xds/auth.py`, the same check
+as ADS and LRS but not bound to a node, so every Envoy's listener stays the same). Envoy buffers
 entries and flushes them every second, and drops them rather than block requests if this stream lags.
 """
 

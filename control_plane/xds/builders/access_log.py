@@ -82,7 +82,7 @@ def file_access_log(path: str, fmt: str) -> accesslog_pb2.AccessLog:
 def local_reply_log(credential: str) -> accesslog_pb2.AccessLog:
     """Envoy's own error replies to the control plane, which counts them per model and code."""
     metadata = (
-        # The node's xDS credential, checked like its ADS and LRS streams (xds/auth.py).
+        # The deployment's access-log credential, checked like the ADS and LRS streams (xds/auth.py).
         [base_pb2.HeaderValue(key="authorization", value=f"Bearer {credential}")] if credential else []
     )
     config = als_pb2.HttpGrpcAccessLogConfig(
