@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cache
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -169,6 +170,7 @@ def route_idle_timeout_s(model: ModelState) -> float:
     return model.config.limits.idle_timeout_s * (model.config.retry.timeout_retries + 1)
 
 
+@cache  # the same on every model route: built once, copied into each route
 def _strip_model_prefix() -> regex_pb2.RegexMatchAndSubstitute:
     """`/models/{model}[/<inference path>]` → the engine's own path, `/` (TGI's root) when no inference
     path follows: whatever the path holds, an engine is sent an inference path or `/`, never its /metrics.
