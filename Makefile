@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# TGI's own client, for its compatibility test. Its metadata pins huggingface_hub < 1, which the
+	@# dev extras' InferenceClient outgrew; the client itself runs with either, so it goes in without deps.
+	$(BIN)/python -m pip install --quiet --no-deps 'text-generation==0.7.0'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -34,6 +34,7 @@ from control_plane.watcher import ConfigWatcher
 from control_plane.xds.als import AccessLogServicer, LocalReplyCounter, add_als_servicer
 from control_plane.xds.auth import XdsAuthenticator
 from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.generate_log import GenerateCounter
 from control_plane.xds.lrs import LoadReportingServicer, LoadReportStore, add_lrs_servicer
 from control_plane.xds.server import AdsServicer, create_grpc_server
 
@@ -123,7 +124,10 @@ async def serve(settings: ServeSettings) -> None:
     # Errors Envoy answers itself, per model and code (its access-log stream, same credential check).
     local_replies = LocalReplyCounter(metrics, plane.registry)
     plane.add_registry_listener(local_replies.follow)
-    add_als_servicer(grpc_server, AccessLogServicer(local_replies, authenticator=xds_auth))
+    # ...and every /v1/generate call, per model and scenario (same stream).
+    generate_calls = GenerateCounter(metrics, plane.registry)
+    plane.add_registry_listener(generate_calls.follow)
+    add_als_servicer(grpc_server, AccessLogServicer([local_replies, generate_calls], authenticator=xds_auth))
     observers = Observers(
         prober=health.prober, loads=load_store, telemetry=telemetry.collector if telemetry else None
     )

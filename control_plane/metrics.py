@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# Seconds, for LLM calls: a short answer in tens of milliseconds up to long generations of minutes.
+GENERATE_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+
 
 @dataclass(frozen=True)
 class ControlPlaneMetrics:
@@ -21,6 +24,10 @@ class ControlPlaneMetrics:
     alert_notifications: Counter
     auto_actions: Counter
     local_replies: Counter
+    generate_requests: Counter
+    generate_duration: Histogram
+    generate_first_byte: Histogram
+    generate_tokens: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ControlPlaneMetrics:
@@ -81,6 +88,37 @@ class ControlPlaneMetrics:
                 "also in envoy_cluster_upstream_rq_xx). model is (unknown) for a name no model has, (none) "
                 "for a request naming none.",
                 ["model", "code", "status", "stage"],
+                registry=registry,
+            ),
+            generate_requests=Counter(
+                "llm_gateway_generate_requests",
+                "Calls of /v1/generate by model, scenario, status and code (ok, the gateway's error code, "
+                "upstream_error for an engine's error answer, client_disconnected, stream_interrupted). "
+                "scenario is none when the call named none, (none) when it was refused before "
+                "translation.",
+                ["model", "scenario", "status", "code"],
+                registry=registry,
+            ),
+            generate_duration=Histogram(
+                "llm_gateway_generate_duration_seconds",
+                "Time from the first byte of a /v1/generate call to the last byte of its answer.",
+                ["model", "scenario", "stream"],
+                buckets=GENERATE_BUCKETS,
+                registry=registry,
+            ),
+            generate_first_byte=Histogram(
+                "llm_gateway_generate_time_to_first_byte_seconds",
+                "Time to the first byte of a streamed /v1/generate answer (the first event: about the "
+                "time to first token).",
+                ["model", "scenario"],
+                buckets=GENERATE_BUCKETS,
+                registry=registry,
+            ),
+            generate_tokens=Counter(
+                "llm_gateway_generate_tokens",
+                "Tokens of /v1/generate calls as the engines reported them, by model, scenario and kind "
+                "(prompt: in, completion: out).",
+                ["model", "scenario", "kind"],
                 registry=registry,
             ),
         )

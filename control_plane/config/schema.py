@@ -311,6 +311,11 @@ class AccessLogSettings(_Frozen):
         description="Stream the errors Envoy answers itself to the control plane (gRPC access log "
         "service), which counts them per model and code (llm_gateway_local_replies_total).",
     )
+    count_generate: bool = Field(
+        default=True,
+        description="Stream every /v1/generate call to the control plane (same stream), which counts "
+        "requests, latency and tokens per model and scenario (llm_gateway_generate_*).",
+    )
 
 
 class GatewaySettings(_Frozen):

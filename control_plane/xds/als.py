@@ -4,7 +4,8 @@ Envoy's cluster stats see only requests that reached a model's cluster; a 404 fo
 a disabled or draining model, a 400, 405, 408 or 413 never do, and even those that do (503 no healthy
 endpoint, overloaded, 504) carry no cause there. So every Envoy streams the error replies it makes itself to
 the control plane (`envoy.access_loggers.http_grpc`, filtered to local replies, see
-builders/access_log.py) over the ADS connection's cluster; this servicer counts them:
+builders/access_log.py) over the ADS connection's cluster; this servicer hands every entry to its sinks
+(this module's counter, and xds/generate_log.py's for /v1/generate calls, which share the stream). Here:
 
     llm_gateway_local_replies_total{model, code, status, stage}
 
@@ -28,8 +29,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -40,13 +42,25 @@ from control_plane.config.schema import Registry
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.xds.auth import XdsAuthenticator
 from control_plane.xds.builders.local_reply import ERROR_CODE_HEADER, FALLBACK_CODE, reply_rules
-from control_plane.xds.resources import METADATA_NAMESPACE
+from control_plane.xds.log_entries import NO_MODEL, UNKNOWN_MODEL, ModelNames
 
 log = logging.getLogger(__name__)
 
-UNKNOWN_MODEL = "(unknown)"
-NO_MODEL = "(none)"
 _MAX_CODE_LENGTH = 64  # the header is ours, but bound what becomes a label all the same
+
+
+def reply_code(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
+    """The error code the client got (the local reply mapper's header), or the fallback code."""
+    code = entry.response.response_headers.get(ERROR_CODE_HEADER, "") or FALLBACK_CODE
+    if len(code) > _MAX_CODE_LENGTH or not code.replace("_", "").isalnum():
+        return FALLBACK_CODE
+    return code
+
+
+class EntrySink(Protocol):
+    """A counter fed by the access-log stream; it ignores the entries that are not its own."""
+
+    def record(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -63,7 +77,7 @@ class LocalReplyCounter:
 
     def __init__(self, metrics: ControlPlaneMetrics, registry: Registry) -> None:
         self._metrics = metrics
-        self._names: dict[str, str] = {}
+        self._names = ModelNames(registry)
         self._upstream_codes: frozenset[str] = frozenset()
         # Per model id: 5xx replies that reached no endpoint (so no load report has them), for the status
         # page's error figures. Totals since start, like the load reports' counters.
@@ -71,7 +85,7 @@ class LocalReplyCounter:
         self.follow_registry(registry)
 
     def follow_registry(self, registry: Registry) -> None:
-        self._names = {name: model.id for model in registry.models for name in model.names}
+        self._names.follow_registry(registry)
         rules = reply_rules(registry.gateway)
         self._upstream_codes = frozenset(rule.code for rule in rules if rule.flags)
 
@@ -79,26 +93,26 @@ class LocalReplyCounter:
         """A registry listener (ControlPlane.add_registry_listener)."""
         self.follow_registry(registry)
 
+    @staticmethod
+    def wanted(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
+        """The stream carries other entries too (/v1/generate calls): LOCAL_REPLY_FILTER again."""
+        response = entry.response
+        return response.response_code.value >= 400 and response.response_code_details != "via_upstream"
+
     def classify(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> LocalReply:
         common = entry.common_properties
-        model = NO_MODEL
-        namespace = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
-        if namespace is not None and "model" in namespace.fields:
-            value = namespace.fields["model"]
-            if value.WhichOneof("kind") == "string_value" and value.string_value:
-                model = self._names.get(value.string_value, UNKNOWN_MODEL)
-        code = entry.response.response_headers.get(ERROR_CODE_HEADER, "") or FALLBACK_CODE
-        if len(code) > _MAX_CODE_LENGTH or not code.replace("_", "").isalnum():
-            code = FALLBACK_CODE
+        code = reply_code(entry)
         return LocalReply(
-            model=model,
+            model=self._names.label(entry),
             code=code,
             status=entry.response.response_code.value,
             stage="upstream" if code in self._upstream_codes else "route",
             reached_endpoint=common.HasField("upstream_remote_address"),
         )
 
-    def record(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> LocalReply:
+    def record(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> LocalReply | None:
+        if not self.wanted(entry):
+            return None
         reply = self.classify(entry)
         self._metrics.local_replies.labels(reply.model, reply.code, str(reply.status), reply.stage).inc()
         known = reply.model not in (UNKNOWN_MODEL, NO_MODEL)
@@ -130,8 +144,8 @@ async def _identified(
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, counter: LocalReplyCounter, authenticator: XdsAuthenticator | None = None) -> None:
-        self._counter = counter
+    def __init__(self, sinks: Sequence[EntrySink], authenticator: XdsAuthenticator | None = None) -> None:
+        self._sinks = tuple(sinks)
         self._auth = authenticator
 
     async def StreamAccessLogs(
@@ -146,7 +160,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
             messages = await self._auth.admit("als", messages, context, node_bound=False)
         async for item in messages:
             for entry in item.message.http_logs.log_entry:
-                self._counter.record(entry)
+                for sink in self._sinks:
+                    sink.record(entry)
         return als_pb2.StreamAccessLogsResponse()
 
 

@@ -216,8 +216,8 @@ def test_huggingface_inference_client_text_generation(stack: Any) -> None:
 
 def test_tgi_text_generation_client(stack: Any) -> None:
     """TGI's own `text_generation.Client`, unchanged. Not in the dev extras: it pins huggingface_hub < 1,
-    which conflicts with the hub client above; run with it installed beside (`pip install --no-deps`)."""
-    text_generation = pytest.importorskip("text_generation")
+    which conflicts with the hub client above; `make install` puts it beside (`pip install --no-deps`)."""
+    import text_generation
 
     client = text_generation.Client(f"{stack.envoys[0].url}/models/qwen2", timeout=30)
     response = client.generate("What is Deep Learning?", max_new_tokens=4)

@@ -7,6 +7,7 @@ import json
 import shlex
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 
 from control_plane.devstack.procs import free_port
 from tests.integration.conftest import StackFactory, write_config
-from tests.support.gateway import eventually
+from tests.support.gateway import eventually, prometheus_value
 from tests.support.registries import model, registry
 
 pytestmark = pytest.mark.integration
@@ -260,3 +261,93 @@ def test_a_scenario_added_to_the_registry_is_served_after_a_reload(make_stack: S
     eventually(lambda: _generate(url, body).status_code == 200, what="the new scenario served")
     # The defaults are still there next to it.
     assert _generate(url, {**body, "scenario": "qa"}).status_code == 200
+
+
+def test_calls_are_counted_per_model_and_scenario_with_latency_and_tokens(stack: Any) -> None:
+    """The seeds' dashboards: requests, latency, tokens in and out, errors by kind, per model and scenario,
+    counted by the control plane from Envoy's access-log stream (tens of calls in flight)."""
+    url = stack.envoys[0].url
+    calls: list[tuple[dict[str, Any], int]] = [
+        ({"model_id": "qwen", "inputs": "hi", "scenario": "qa", "parameters": {"max_new_tokens": 5}}, 200),
+        ({"model_id": "llama3", "inputs": "hi", "parameters": {"max_new_tokens": 7}}, 200),
+        (
+            {
+                "model_id": "llama3",
+                "inputs": "hi",
+                "scenario": "summarize",
+                "stream": True,
+                "parameters": {"max_new_tokens": 3},
+            },
+            200,
+        ),
+        (
+            {"model_id": "sg", "inputs": "the sea", "scenario": "poem", "parameters": {"max_new_tokens": 4}},
+            200,
+        ),
+        ({"model_id": "nope", "inputs": "hi"}, 404),
+        ({"model_id": "llama3", "inputs": "hi", "scenario": "x"}, 400),
+    ]
+    rounds = 8
+
+    def call(item: tuple[dict[str, Any], int]) -> int:
+        return _generate(url, item[0]).status_code
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        assert list(pool.map(call, calls * rounds)) == [status for _, status in calls] * rounds
+
+    metrics_url = f"{stack.admin_url}/metrics"
+    requests = "llm_gateway_generate_requests_total"
+    expected_requests = {
+        ("qwen2", "qa", "200", "ok"): rounds,
+        ("llama3", "none", "200", "ok"): rounds,
+        ("llama3", "summarize", "200", "ok"): rounds,
+        ("sg", "poem", "200", "ok"): rounds,
+        ("(unknown)", "(none)", "404", "model_not_found"): rounds,
+        ("llama3", "(none)", "400", "invalid_request"): rounds,
+    }
+    with httpx.Client(timeout=10) as client:
+
+        def counted() -> dict[tuple[str, ...], float]:
+            return {
+                key: prometheus_value(
+                    client, metrics_url, requests, model=key[0], scenario=key[1], status=key[2], code=key[3]
+                )
+                for key in expected_requests
+            }
+
+        eventually(lambda: counted() == expected_requests, 15, "/v1/generate calls per model and scenario")
+
+        def value(sample: str, **labels: str) -> float:
+            return prometheus_value(client, metrics_url, sample, **labels)
+
+        tokens = "llm_gateway_generate_tokens_total"
+        # Completion tokens are the engines' own counts: max_new_tokens each (the simulators fill it).
+        assert value(tokens, model="qwen2", scenario="qa", kind="completion") == 5 * rounds
+        assert value(tokens, model="llama3", scenario="none", kind="completion") == 7 * rounds
+        assert (
+            value(tokens, model="llama3", scenario="summarize", kind="completion") == 3 * rounds
+        )  # streamed
+        assert value(tokens, model="sg", scenario="poem", kind="prompt") > 0
+        duration = "llm_gateway_generate_duration_seconds_count"
+        assert value(duration, model="llama3", scenario="summarize", stream="true") == rounds
+        assert value(duration, model="qwen2", scenario="qa", stream="false") == rounds
+        first_byte = "llm_gateway_generate_time_to_first_byte_seconds_count"
+        assert value(first_byte, model="llama3", scenario="summarize") == rounds
+        assert value(first_byte, model="qwen2", scenario="qa") == 0  # not a stream
+        # A chat call is not a /v1/generate call.
+        before = value(requests, model="qwen2", scenario="qa", status="200", code="ok")
+        chat = {"model": "qwen2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert client.post(f"{url}/v1/chat/completions", json=chat).status_code == 200
+        assert client.post(f"{url}/v1/generate", json=calls[0][0]).status_code == 200
+        eventually(
+            lambda: value(requests, model="qwen2", scenario="qa", status="200", code="ok") == before + 1,
+            15,
+            "the next call counted",
+        )
+        assert (
+            sum(
+                value(requests, model="qwen2", scenario=s, status="200", code="ok")
+                for s in ("none", "(none)")
+            )
+            == 0
+        )

@@ -9,7 +9,8 @@ response flags and details, duration, time to the first upstream byte, bytes in 
 the file and `POST /reopen_logs` to Envoy's admin (control_plane/devstack/logrotate.py does it).
 
 The gRPC logger sends only replies Envoy made itself with a 4xx/5xx status (a CEL filter on the response
-code details), so normal traffic costs nothing there. Envoy buffers its entries (flushed every second) and
+code details) and calls of /v1/generate (its metrics per model and scenario), so other traffic costs
+nothing there. Envoy buffers its entries (flushed every second) and
 drops them rather than wait when the stream is backed up: a flood of bad requests cannot stall requests.
 """
 
@@ -25,6 +26,7 @@ from google.protobuf import any_pb2, message
 
 from control_plane.config.schema import AccessLogSettings
 from control_plane.xds.builders._common import seconds, struct
+from control_plane.xds.builders.generate import GENERATE_NAMESPACE
 from control_plane.xds.builders.local_reply import ERROR_CODE_HEADER
 
 # The bootstrap's cluster of the control plane (envoy/bootstrap.yaml): ADS, LRS and this log share it.
@@ -32,6 +34,12 @@ CONTROL_PLANE_CLUSTER = "xds_cluster"
 LOCAL_REPLY_LOG_NAME = "gateway-local-replies"
 # Replies Envoy made itself (direct responses, filter and router replies), errors only.
 LOCAL_REPLY_FILTER = "response.code >= 400 && response.code_details != 'via_upstream'"
+# Every call of the seeds' API, counted per model and scenario (xds/generate_log.py).
+GENERATE_PATH = "/v1/generate"
+# The generate filter rewrites a call's path to the engine's; translated calls carry its metadata instead.
+GENERATE_FILTER = (
+    f"request.url_path == '{GENERATE_PATH}' || '{GENERATE_NAMESPACE}' in metadata.filter_metadata"
+)
 
 # Field order is the order in the file (Envoy keeps it).
 JSON_FIELDS: dict[str, str] = {
@@ -79,8 +87,9 @@ def file_access_log(path: str, fmt: str) -> accesslog_pb2.AccessLog:
     )
 
 
-def local_reply_log(credential: str) -> accesslog_pb2.AccessLog:
-    """Envoy's own error replies to the control plane, which counts them per model and code."""
+def control_plane_log(credential: str, expression: str) -> accesslog_pb2.AccessLog:
+    """The entries `expression` selects, streamed to the control plane, which counts them: Envoy's own
+    error replies per model and code, /v1/generate calls per model and scenario."""
     metadata = (
         # The deployment's access-log credential, checked like the ADS and LRS streams (xds/auth.py).
         [base_pb2.HeaderValue(key="authorization", value=f"Bearer {credential}")] if credential else []
@@ -102,7 +111,7 @@ def local_reply_log(credential: str) -> accesslog_pb2.AccessLog:
         filter=accesslog_pb2.AccessLogFilter(
             extension_filter=accesslog_pb2.ExtensionFilter(
                 name="envoy.access_loggers.extension_filters.cel",
-                typed_config=_packed(cel_pb2.ExpressionFilter(expression=LOCAL_REPLY_FILTER)),
+                typed_config=_packed(cel_pb2.ExpressionFilter(expression=expression)),
             )
         ),
         typed_config=_packed(config),
@@ -117,6 +126,14 @@ def build_access_logs(
     path = node_path or settings.path
     if path:
         logs.append(file_access_log(path, settings.format))
-    if settings.count_local_replies:
-        logs.append(local_reply_log(credential))
+    selected = [
+        f"({expression})"
+        for expression, wanted in (
+            (LOCAL_REPLY_FILTER, settings.count_local_replies),
+            (GENERATE_FILTER, settings.count_generate),
+        )
+        if wanted
+    ]
+    if selected:
+        logs.append(control_plane_log(credential, " || ".join(selected)))
     return logs

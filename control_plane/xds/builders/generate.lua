@@ -315,6 +315,19 @@ local function generated(resp)
   }
 end
 
+-- The answer's token counts and finish reason as dynamic metadata, read by the access-log stream that
+-- counts /v1/generate per model and scenario (control_plane/xds/generate_log.py).
+local function record_usage(handle, usage, finish)
+  local info = handle:streamInfo():dynamicMetadata()
+  if type(usage) == "table" then
+    if type(usage.prompt_tokens) == "number" then info:set(NS, "prompt_tokens", usage.prompt_tokens) end
+    if type(usage.completion_tokens) == "number" then
+      info:set(NS, "completion_tokens", usage.completion_tokens)
+    end
+  end
+  if type(finish) == "string" then info:set(NS, "finish_reason", finish) end
+end
+
 local function stream_response(handle)
   local pending, text, finish, model, usage = "", {}, NULL, NULL, NULL
   for chunk in handle:bodyChunks() do
@@ -330,6 +343,7 @@ local function stream_response(handle)
         local final = { generated_text = table.concat(text), model = model, tokens = NULL,
           finish_reason = finish, usage = usage }
         if type(usage) == "table" then final.tokens = usage.completion_tokens or NULL end
+        record_usage(handle, usage, finish)
         out[#out + 1] = "data: " .. encode(final) .. "\n\ndata: [DONE]\n\n"
       elseif data then
         local obj = decode(data)
@@ -364,6 +378,8 @@ if not RENAME_ONLY then
     if info.stream then return stream_response(handle) end
     local resp = decode(whole_body(handle))
     if type(resp) ~= "table" then return end
-    set_body(handle, encode(generated(resp)))
+    local answer = generated(resp)
+    record_usage(handle, resp.usage, answer.finish_reason)
+    set_body(handle, encode(answer))
   end
 end

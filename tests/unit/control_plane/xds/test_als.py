@@ -114,8 +114,13 @@ def test_access_logs_of_a_node() -> None:
     service = grpc_config.common_config.grpc_service
     assert [(m.key, m.value) for m in service.initial_metadata] == [("authorization", "Bearer xds1.token")]
     assert "via_upstream" in LOCAL_REPLY_FILTER
-    off = AccessLogSettings(count_local_replies=False)
+    off = AccessLogSettings(count_local_replies=False, count_generate=False)
     assert build_access_logs(off, None, "") == []
+    # One stream carries what either counter asked for.
+    only_generate = build_access_logs(AccessLogSettings(count_local_replies=False), None, "")
+    assert len(only_generate) == 1
+    expression = only_generate[0].filter.extension_filter.typed_config.value.decode()
+    assert "/v1/generate" in expression and "via_upstream" not in expression
 
 
 def test_the_listener_carries_the_nodes_log_path_and_credential() -> None:
