@@ -30,6 +30,7 @@ from control_plane.observability.file_sd import FileSdWriter
 from control_plane.runtime import EndpointGauges, HealthWiring, TelemetryWiring
 from control_plane.service import ControlPlane
 from control_plane.store.overlay import AdminStore
+from control_plane.tenancy.wiring import TenancyWiring
 from control_plane.watcher import ConfigWatcher
 from control_plane.xds.als import AccessLogServicer, LocalReplyCounter, add_als_servicer
 from control_plane.xds.auth import XdsAuthenticator
@@ -128,6 +129,8 @@ async def serve(settings: ServeSettings) -> None:
     generate_calls = GenerateCounter(metrics, plane.registry)
     plane.add_registry_listener(generate_calls.follow)
     add_als_servicer(grpc_server, AccessLogServicer([local_replies, generate_calls], authenticator=xds_auth))
+    # API keys (their table pushed over ECDS) and the per-key request limit (RLQS on the same server).
+    tenancy = TenancyWiring.create(plane, settings.state_db, store, grpc_server, xds_auth)
     observers = Observers(
         prober=health.prober, loads=load_store, telemetry=telemetry.collector if telemetry else None
     )
@@ -135,6 +138,7 @@ async def serve(settings: ServeSettings) -> None:
     admin_app = create_admin_app(plane, metrics, watcher, settings.admin_token, observers, links)
     guard = Depends(bearer_guard(settings.admin_token))
     register_load_routes(admin_app, load_store, dependencies=[guard])
+    tenancy.register_routes(admin_app, dependencies=[guard])
     sampler = TimeSeriesSampler(
         plane,
         load_store,
@@ -154,6 +158,7 @@ async def serve(settings: ServeSettings) -> None:
     watcher.install_sighup(loop)
 
     await grpc_server.start()
+    await tenancy.start(plane)
     await health.follow(plane.registry)
     if telemetry is not None:
         telemetry.start()
@@ -182,4 +187,5 @@ async def serve(settings: ServeSettings) -> None:
         admin.should_exit = True
         await grpc_server.stop(grace=1.0)
         await admin_task
+        tenancy.close()
         store.close()

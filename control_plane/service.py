@@ -27,6 +27,7 @@ from control_plane.state import (
     EndpointState,
     GatewayState,
     Health,
+    KeyEntry,
     NodeParams,
     Resolver,
     StateInputs,
@@ -38,9 +39,10 @@ from control_plane.vetting import ClusterChecker, build_checked, envoy_problems,
 from control_plane.xds.builders import build_snapshot
 from control_plane.xds.builders.cluster import build_cluster
 from control_plane.xds.builders.endpoint import build_load_assignment
+from control_plane.xds.builders.keys import build_key_extension
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.envoy_check import cluster_problems
-from control_plane.xds.resources import CLUSTER, ENDPOINT
+from control_plane.xds.resources import CLUSTER, ENDPOINT, EXTENSION_CONFIG
 from control_plane.xds.snapshot import Snapshot, content_version
 from control_plane.xds.sync import SyncReport, SyncWaiter
 
@@ -289,6 +291,31 @@ class ControlPlane:
             return
         self._inputs.weights = dict(weights)
         self._republish()
+
+    async def set_keys(self, keys: tuple[KeyEntry, ...]) -> SyncReport | None:
+        """The API-key table changed: only the key check's ECDS resource is rebuilt and pushed (no
+        listener or route update, so no connection is drained). None when nothing was pushed."""
+        async with self._changes:
+            if keys == self._inputs.keys:
+                return None
+            self._inputs.keys = keys
+            self._state = dataclasses.replace(self._state, keys=keys)
+            if self._state.auth_mode != "api_key":
+                return None
+            extension = build_key_extension(self._state)
+            resources = {extension.name: extension}
+            version = content_version(resources)
+            replaced: dict[int, Snapshot] = {}  # nodes that shared a snapshot keep sharing one
+            changed: dict[str, frozenset[str]] = {}
+            for node in self._nodes:
+                current = self._cache.get_snapshot(node)
+                if current is None:
+                    continue
+                if id(current) not in replaced:
+                    replaced[id(current)] = current.replacing(EXTENSION_CONFIG, resources, version)
+                self._cache.set_snapshot(node, replaced[id(current)])
+                changed[node] = frozenset({EXTENSION_CONFIG})
+            return await self.wait_synced(changed=changed)
 
     def _republish(self) -> None:
         """Health and weights changed: only endpoint assignments differ, so only EDS is rebuilt."""

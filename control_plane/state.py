@@ -56,6 +56,27 @@ class ModelState:
 class GatewayState:
     settings: GatewaySettings
     models: tuple[ModelState, ...] = ()
+    auth_mode: str = "none"  # the registry's auth.mode: "api_key" puts the key check in every Envoy
+    keys: tuple[KeyEntry, ...] = ()  # the keys Envoy accepts (with auth_mode "api_key")
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """An API key as Envoy's key check needs it (builders/keys.py): its hash, never the key itself.
+    control_plane/tenancy turns stored and declared keys into these."""
+
+    sha256: str
+    id: str
+    name: str
+    models: tuple[str, ...] | None = None  # ids or aliases the key may use; None: every model
+    priority: str = "default"
+    expires_at: int = 0  # epoch seconds; 0: never
+    rpm_limit: int = 0  # 0: unlimited (for the x-ratelimit-* headers; enforced by the quota filter)
+    tpm_limit: int = 0
+    # Refused with this code until `denied_until` (epoch s): "rate_limit_exceeded" when the key used its
+    # tokens per minute, "insufficient_quota" when it used its budget. Set by the usage accounting.
+    denied: str = ""
+    denied_until: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,7 @@ class StateInputs:
     weights: dict[str, int] = field(default_factory=dict)  # by endpoint id
     draining_endpoints: frozenset[str] = frozenset()
     draining_models: frozenset[str] = frozenset()
+    keys: tuple[KeyEntry, ...] = ()  # API keys, from control_plane/tenancy
 
     def endpoint_health(self, model_id: str, endpoint_id: str) -> Health:
         if endpoint_id in self.draining_endpoints or model_id in self.draining_models:
@@ -148,4 +170,6 @@ def build_state(
         models.append(
             ModelState(config=model, endpoints=tuple(endpoints), draining=model.id in inputs.draining_models)
         )
-    return GatewayState(settings=registry.gateway, models=tuple(models))
+    return GatewayState(
+        settings=registry.gateway, models=tuple(models), auth_mode=registry.auth.mode, keys=inputs.keys
+    )

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from control_plane.config.auth import AuthSettings
 from control_plane.config.cluster_overrides import check_cluster_overrides
 from control_plane.config.names import (
     ENDPOINT_ID,
@@ -367,6 +368,11 @@ class Registry(_Frozen):
     health: HealthCheck = HealthCheck()
     telemetry: Telemetry = Telemetry()
     alerting: Alerting = Alerting()
+    auth: AuthSettings = Field(
+        default=AuthSettings(),
+        description="API keys: `mode: api_key` makes every request need one (`none`, the default, checks "
+        "none); `keys` declares keys by SHA-256, besides those made through the admin API.",
+    )
     scenarios: Scenarios = Field(
         default_factory=dict,
         description="/v1/generate prompt templates by name, added to (or replacing) the defaults qa, "

@@ -99,7 +99,7 @@ class XdsAuthenticator:
             ["service", "reason"],
             registry=registry,
         )
-        for service in ("ads", "lrs", "als"):
+        for service in ("ads", "lrs", "als", "rlqs"):
             for reason in REASONS:
                 self.failures.labels(service, reason)
 

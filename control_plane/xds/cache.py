@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from control_plane.xds.resources import EXTENSION_CONFIG
 from control_plane.xds.snapshot import Snapshot
 
 
@@ -75,6 +76,8 @@ class SnapshotCache:
         answered = self._answered.get(node_id, {})
         pending, rejected = set(), {}
         for type_url, version in snapshot.versions.items():
+            if type_url == EXTENSION_CONFIG and not snapshot.resources[type_url]:
+                continue  # no filter names one (API keys off): no Envoy subscribes, none answers
             answer = answered.get(type_url)
             if answer is None or answer.version != version:
                 pending.add(type_url)

@@ -9,10 +9,13 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+# HTTP filter configs delivered on their own (ECDS): the API-key table changes without a listener update.
+EXTENSION_CONFIG = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 
-# Envoy's recommended push order: clusters before their endpoints, listeners before their routes.
-PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
-SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+# Envoy's recommended push order: clusters before their endpoints, listeners before their routes; filter
+# configs before the listener that names them.
+PUSH_ORDER = (CLUSTER, ENDPOINT, EXTENSION_CONFIG, LISTENER, ROUTE)
+SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", EXTENSION_CONFIG: "ecds", LISTENER: "lds", ROUTE: "rds"}
 
 LISTENER_NAME = "gateway"
 ROUTE_CONFIG_NAME = "gateway"

@@ -29,13 +29,21 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.xds.auth import XdsAuthenticator
 from control_plane.xds.cache import SnapshotCache
-from control_plane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SHORT_NAMES
+from control_plane.xds.resources import (
+    CLUSTER,
+    ENDPOINT,
+    EXTENSION_CONFIG,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    SHORT_NAMES,
+)
 from control_plane.xds.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
 # Types whose requests name the resources wanted; CDS and LDS are wildcard subscriptions here.
-_NAMED_TYPES = (ENDPOINT, ROUTE)
+_NAMED_TYPES = (ENDPOINT, EXTENSION_CONFIG, ROUTE)
 # A push of the key type makes Envoy re-request the value type, which must then be answered.
 _DEPENDENTS = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 # Envoy re-requests EDS after every CDS push (new or changed clusters re-subscribe); RDS only when the

@@ -14,7 +14,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import any_pb2, message
 
 from control_plane.errors import InconsistentSnapshotError
-from control_plane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+from control_plane.xds.resources import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LISTENER, PUSH_ORDER, ROUTE
 
 Resources = Mapping[str, message.Message]
 
@@ -104,14 +104,18 @@ class Snapshot:
             for chain in listener.filter_chains:
                 for flt in chain.filters:
                     manager = hcm.HttpConnectionManager()
-                    if (
-                        flt.typed_config.Unpack(manager)
-                        and manager.HasField("rds")
-                        and manager.rds.route_config_name not in routes
-                    ):
+                    if not flt.typed_config.Unpack(manager):
+                        continue
+                    if manager.HasField("rds") and manager.rds.route_config_name not in routes:
                         problems.append(
                             f"listener {name!r} needs route configuration {manager.rds.route_config_name!r}"
                         )
+                    problems.extend(
+                        f"listener {name!r} needs filter config {http.name!r} (ECDS)"
+                        for http in manager.http_filters
+                        if http.HasField("config_discovery")
+                        and http.name not in self.resources[EXTENSION_CONFIG]
+                    )
         return problems
 
     def check_consistent(self) -> None:

@@ -45,7 +45,9 @@ from control_plane.xds.builders.generate import (
     build_generate_filter,
     build_rename_filter,
 )
+from control_plane.xds.builders.keys import build_key_filter
 from control_plane.xds.builders.local_reply import build_local_reply_config
+from control_plane.xds.builders.quota import build_quota_filter
 from control_plane.xds.builders.route import BODY_INVALID_KEY, MODEL_KEY, MODEL_MISSING_KEY, MODEL_PATH_REGEX
 from control_plane.xds.resources import LISTENER_NAME, METADATA_NAMESPACE, ROUTE_CONFIG_NAME
 
@@ -164,7 +166,18 @@ def _early_header_mutation() -> extension_pb2.TypedExtensionConfig:
     )
 
 
-def build_connection_manager(settings: GatewaySettings, node: NodeParams) -> hcm.HttpConnectionManager:
+def _tenancy_filters(auth_mode: str, credential: str) -> list[hcm.HttpFilter]:
+    """With API keys on: the key check (its table over ECDS, keys.py), which runs once the body is in, so
+    the route (the model) is known for the model check; then the per-key request limit (quota.py), whose
+    bucket is the key id the check sets."""
+    if auth_mode != "api_key":
+        return []
+    return [build_key_filter(), build_quota_filter(credential)]
+
+
+def build_connection_manager(
+    settings: GatewaySettings, node: NodeParams, auth_mode: str = "none"
+) -> hcm.HttpConnectionManager:
     return hcm.HttpConnectionManager(
         stat_prefix="gateway",
         codec_type=hcm.HttpConnectionManager.AUTO,
@@ -177,6 +190,7 @@ def build_connection_manager(settings: GatewaySettings, node: NodeParams) -> hcm
                 buffer_pb2.Buffer(max_request_bytes=uint32(settings.max_request_body_bytes)),
             ),
             _http_filter("envoy.filters.http.json_to_metadata", _json_body_filter()),
+            *_tenancy_filters(auth_mode, node.log_credential),
             # /v1/generate (entered for that path only) and served_model renaming (entered only on the
             # routes of models that set it): generate.py.
             _http_filter(LUA_FILTER_NAME, build_generate_filter()),
@@ -208,7 +222,9 @@ def build_connection_manager(settings: GatewaySettings, node: NodeParams) -> hcm
     )
 
 
-def build_listener(settings: GatewaySettings, node: NodeParams) -> listener_pb2.Listener:
+def build_listener(
+    settings: GatewaySettings, node: NodeParams, auth_mode: str = "none"
+) -> listener_pb2.Listener:
     address = node.listen_address or settings.listen_address
     port = node.listen_port or settings.listen_port
     return listener_pb2.Listener(
@@ -222,7 +238,7 @@ def build_listener(settings: GatewaySettings, node: NodeParams) -> listener_pb2.
                 filters=[
                     listener_components_pb2.Filter(
                         name="envoy.filters.network.http_connection_manager",
-                        typed_config=_packed(build_connection_manager(settings, node)),
+                        typed_config=_packed(build_connection_manager(settings, node, auth_mode)),
                     )
                 ]
             )

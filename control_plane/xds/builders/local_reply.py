@@ -40,10 +40,37 @@ class ReplyRule:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+# The API-key check's refusals (keys.lua): it writes the code under this namespace and answers with a
+# plain message, which the rule of that code wraps. (error type, code, extra headers); OpenAI's types.
+KEY_ERROR_NAMESPACE = "gateway.key"
+KEY_REFUSALS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
+    ("invalid_request_error", "invalid_api_key", NO_RETRY),
+    ("invalid_request_error", "model_not_allowed", NO_RETRY),
+    ("tokens", "rate_limit_exceeded", ()),
+    ("insufficient_quota", "insufficient_quota", NO_RETRY),
+    ("server_error", "keys_unavailable", (("retry-after", "1"),)),
+    ("server_error", "key_check_failed", ()),
+)
+
+
+def _key_refused(code: str) -> str:
+    namespace = f"metadata.filter_metadata['{KEY_ERROR_NAMESPACE}']"
+    return f"'{KEY_ERROR_NAMESPACE}' in metadata.filter_metadata && {namespace}['error'] == '{code}'"
+
+
 def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
     return (
         # Envoy's own successful answers (GET /v1/models, /health) already carry their JSON body.
         ReplyRule("", "", BODY, status=200),
+        *(
+            ReplyRule(error_type, code, BODY, route_cel=_key_refused(code), headers=headers)
+            for error_type, code, headers in KEY_REFUSALS
+        ),
+        # The per-key requests-per-minute limit (builders/quota.py): its 429 already carries OpenAI's JSON
+        # body and headers; kept as it is (the fallback below would wrap it), whatever the route.
+        ReplyRule(
+            "", "rate_limit_exceeded", BODY, route_cel="response.code_details == 'rate_limited_by_quota'"
+        ),
         ReplyRule(
             "invalid_request_error",
             "model_not_found",

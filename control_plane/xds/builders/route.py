@@ -32,6 +32,7 @@ from google.protobuf import any_pb2
 from control_plane.state import GatewayState, ModelState
 from control_plane.xds.builders._common import seconds, uint32
 from control_plane.xds.builders.generate import GENERATE_PATH, rename_per_route, route_metadata
+from control_plane.xds.builders.keys import KEY_ID_HEADER, key_route_metadata, skip_key_check
 from control_plane.xds.resources import METADATA_NAMESPACE, ROUTE_CONFIG_NAME, cluster_name
 
 # Paths of the inference APIs the gateway forwards (OpenAI, TGI native, TEI). Anything else, such as an
@@ -181,7 +182,17 @@ def _strip_model_prefix() -> regex_pb2.RegexMatchAndSubstitute:
     )
 
 
-def _model_routes(model: ModelState) -> list[rc.Route]:
+def _model_route_metadata(model: ModelState, keys_checked: bool) -> base_pb2.Metadata:
+    # Read by the generate filter: /v1/generate scenarios and served_model (generate.py); by the API-key
+    # check: the model id (keys.py).
+    metadata = route_metadata(model.config)
+    if keys_checked:
+        for name, value in key_route_metadata(model.id).items():
+            metadata.filter_metadata[name].CopyFrom(value)
+    return metadata
+
+
+def _model_routes(model: ModelState, keys_checked: bool = False) -> list[rc.Route]:
     routes = []
     for name in model.config.names:
         match = rc.RouteMatch(prefix="/", dynamic_metadata=[_model_is(name)])
@@ -196,8 +207,7 @@ def _model_routes(model: ModelState) -> list[rc.Route]:
             rc.Route(
                 name=f"model:{name}",
                 match=match,
-                # Read by the generate filter: /v1/generate scenarios and served_model (generate.py).
-                metadata=route_metadata(model.config),
+                metadata=_model_route_metadata(model, keys_checked),
                 # The rename filter, on this route only if the model sets served_model.
                 typed_per_filter_config=rename_per_route(model.config),
                 route=rc.RouteAction(
@@ -257,7 +267,12 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
             )
     # The model's name is in the metadata (listener.py reads it out of the path) for the error's message.
     routes.append(_direct("unknown-model-info", rc.RouteMatch(path_separated_prefix="/v1/models"), 404, ""))
-    routes.append(_direct("health", _get("/health"), 200, '{"status":"ok"}'))
+    health = _direct("health", _get("/health"), 200, '{"status":"ok"}')
+    if state.auth_mode == "api_key":
+        # Load balancers' probes carry no key.
+        for name, config in skip_key_check().items():
+            health.typed_per_filter_config[name].CopyFrom(config)
+    routes.append(health)
     routes.append(_not_allowed("health-method", rc.RouteMatch(path="/health"), "GET"))
 
     # An inference path, /v1/generate (its model is in the body's `model_id` alone); TGI's root `/`, or
@@ -332,7 +347,7 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
         )
     )
     for model in state.models:
-        routes.extend(_model_routes(model))
+        routes.extend(_model_routes(model, keys_checked=state.auth_mode == "api_key"))
     any_string = value_pb2.ValueMatcher(
         string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".+"))
     )
@@ -370,7 +385,8 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
         virtual_hosts=[vhost],
         # Envoy adds it for requests from outside (use_remote_address); the engines have no use for it.
         # Clients' own x-envoy-* headers are removed on arrival (listener.py).
-        request_headers_to_remove=["x-envoy-external-address"],
+        # ...and the key's id, set by the API-key check for the quota filter.
+        request_headers_to_remove=["x-envoy-external-address", KEY_ID_HEADER],
         # Envoy refuses direct-response bodies over 4 KiB unless told otherwise; /v1/models outgrows that
         # at a few dozen models, and the whole route table would be rejected.
         max_direct_response_body_size_bytes=uint32(max(largest_body, 4096)),
