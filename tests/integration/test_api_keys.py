@@ -106,6 +106,13 @@ def test_keys_are_checked_in_envoy_with_openai_errors(stack: Any, echo: EchoServ
     assert httpx.get(f"{url}/health").status_code == 200
     # Unknown model with a valid key: the usual 404.
     assert error_code(chat(url, secret, "gpt-9")) == "model_not_found"
+    # OpenAI's limit headers, for a key that has limits.
+    assert "x-ratelimit-limit-requests" not in chat(url, secret).headers
+    limited = create_key(stack, name="limited", rpm_limit=1000, tpm_limit=50_000)
+    answer = chat(url, limited["key"])
+    assert answer.status_code == 200
+    assert answer.headers["x-ratelimit-limit-requests"] == "1000"
+    assert answer.headers["x-ratelimit-limit-tokens"] == "50000"
 
     # The key never reaches a model server, in any of its headers.
     echo.requests.clear()
@@ -244,3 +251,29 @@ def test_a_request_limit_holds_across_two_envoys(make_stack: StackFactory) -> No
     limited = httpx.post(f"{urls[0]}/v1/chat/completions", json={"model": "qwen2", **CHAT}, headers=headers)
     if limited.status_code == 429:
         assert error_code(limited) == "rate_limit_exceeded" and limited.headers["retry-after"]
+
+
+def test_the_access_log_names_the_key_and_the_engines_token_counts(stack: Any) -> None:
+    """The token counts Envoy reads out of answers (JSON and streams' usage chunk), as the usage
+    accounting gets them; never the key itself."""
+    url = stack.envoys[0].url
+    key = create_key(stack, name="logged")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key["key"], max_retries=0)
+    answer = client.chat.completions.create(model="qwen2", **CHAT)  # type: ignore[call-overload]
+    stream = client.chat.completions.create(
+        model="llama3", stream=True, stream_options={"include_usage": True}, **CHAT
+    )  # type: ignore[call-overload]
+    usage = next(chunk.usage for chunk in stream if chunk.usage)
+    log_path = stack.access_log_path(stack.envoys[0].node_id)
+
+    def lines() -> list[dict[str, Any]]:
+        text = log_path.read_text() if log_path.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if '"logged"' in line]
+
+    eventually(lambda: len(lines()) >= 2, 15, "the access log lines of the key")
+    by_model = {line["model"]: line for line in lines()}
+    # (The CEL formatter writes numbers as strings.)
+    assert int(by_model["qwen2"]["prompt_tokens"]) == answer.usage.prompt_tokens  # type: ignore[union-attr]
+    assert int(by_model["qwen2"]["completion_tokens"]) == answer.usage.completion_tokens  # type: ignore[union-attr]
+    assert int(by_model["llama3"]["completion_tokens"]) == usage.completion_tokens == 3
+    assert key["key"] not in log_path.read_text()

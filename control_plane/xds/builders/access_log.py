@@ -28,6 +28,7 @@ from control_plane.config.schema import AccessLogSettings
 from control_plane.xds.builders._common import seconds, struct
 from control_plane.xds.builders.generate import GENERATE_NAMESPACE
 from control_plane.xds.builders.local_reply import ERROR_CODE_HEADER
+from control_plane.xds.builders.usage import TOKEN_USAGE_NAMESPACE
 
 # The bootstrap's cluster of the control plane (envoy/bootstrap.yaml): ADS, LRS and this log share it.
 CONTROL_PLANE_CLUSTER = "xds_cluster"
@@ -36,6 +37,9 @@ LOCAL_REPLY_LOG_NAME = "gateway-local-replies"
 LOCAL_REPLY_FILTER = "response.code >= 400 && response.code_details != 'via_upstream'"
 # Every call of the seeds' API, counted per model and scenario (xds/generate_log.py).
 GENERATE_PATH = "/v1/generate"
+# Every request that passed the API-key check (keys.lua writes the key into this metadata), for the
+# per-key usage accounting (tenancy/usage*.py): with keys on, that is all traffic.
+KEYED_FILTER = "'gateway' in metadata.filter_metadata && 'key' in metadata.filter_metadata['gateway']"
 # The generate filter rewrites a call's path to the engine's; translated calls carry its metadata instead.
 GENERATE_FILTER = (
     f"request.url_path == '{GENERATE_PATH}' || '{GENERATE_NAMESPACE}' in metadata.filter_metadata"
@@ -46,6 +50,7 @@ JSON_FIELDS: dict[str, str] = {
     "time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     "model": "%DYNAMIC_METADATA(gateway:model)%",
+    "key": "%DYNAMIC_METADATA(gateway:key:key_name)%",  # the API key's name (never the key), with keys on
     "route": "%ROUTE_NAME%",
     "method": "%REQ(:METHOD)%",
     "path": "%REQ(:PATH):256%",
@@ -71,19 +76,28 @@ def _packed(msg: message.Message) -> any_pb2.Any:
     return out
 
 
-def _log_format(fmt: str) -> substitution_format_string_pb2.SubstitutionFormatString:
+# With keys on: the engine's token counts (usage.py's typed metadata), per request.
+_USAGE = f"metadata.typed_filter_metadata['{TOKEN_USAGE_NAMESPACE}']"
+TOKEN_FIELDS: dict[str, str] = {
+    "prompt_tokens": f"%CEL({_USAGE}.input_tokens)%",
+    "completion_tokens": f"%CEL({_USAGE}.output_tokens)%",
+}
+
+
+def _log_format(fmt: str, keyed: bool = False) -> substitution_format_string_pb2.SubstitutionFormatString:
+    fields: dict[str, object] = {**JSON_FIELDS, **(TOKEN_FIELDS if keyed else {})}
     if fmt == "json":
-        return substitution_format_string_pb2.SubstitutionFormatString(json_format=struct(dict(JSON_FIELDS)))
-    line = " ".join(f"{key}={value}" for key, value in JSON_FIELDS.items()) + "\n"
+        return substitution_format_string_pb2.SubstitutionFormatString(json_format=struct(fields))
+    line = " ".join(f"{key}={value}" for key, value in fields.items()) + "\n"
     return substitution_format_string_pb2.SubstitutionFormatString(
         text_format_source=base_pb2.DataSource(inline_string=line)
     )
 
 
-def file_access_log(path: str, fmt: str) -> accesslog_pb2.AccessLog:
+def file_access_log(path: str, fmt: str, keyed: bool = False) -> accesslog_pb2.AccessLog:
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.file",
-        typed_config=_packed(file_pb2.FileAccessLog(path=path, log_format=_log_format(fmt))),
+        typed_config=_packed(file_pb2.FileAccessLog(path=path, log_format=_log_format(fmt, keyed))),
     )
 
 
@@ -119,18 +133,19 @@ def control_plane_log(credential: str, expression: str) -> accesslog_pb2.AccessL
 
 
 def build_access_logs(
-    settings: AccessLogSettings, node_path: str | None, credential: str
+    settings: AccessLogSettings, node_path: str | None, credential: str, keyed: bool = False
 ) -> list[accesslog_pb2.AccessLog]:
     """The node's access logs: its own file path (node metadata) wins over the registry's."""
     logs = []
     path = node_path or settings.path
     if path:
-        logs.append(file_access_log(path, settings.format))
+        logs.append(file_access_log(path, settings.format, keyed))
     selected = [
         f"({expression})"
         for expression, wanted in (
             (LOCAL_REPLY_FILTER, settings.count_local_replies),
             (GENERATE_FILTER, settings.count_generate),
+            (KEYED_FILTER, keyed),
         )
         if wanted
     ]

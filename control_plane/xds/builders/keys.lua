@@ -75,9 +75,13 @@ for hx, id, name, prio, models, expires, denied, denied_until, rpm, tpm in strin
     allowed = {}
     for m in string.gmatch(models, "[^,]+") do allowed[m] = true end
   end
+  local meta = { key_id = id, key_name = name, priority = prio }
+  -- The limits, for OpenAI's x-ratelimit-limit-* answer headers (envoy_on_response).
+  if rpm ~= "0" then meta.rpm = rpm end
+  if tpm ~= "0" then meta.tpm = tpm end
   KEYS[hx] = { id = id, name = name, priority = prio, models = allowed, expires = tonumber(expires),
     denied = denied, denied_until = tonumber(denied_until), rpm = tonumber(rpm), tpm = tonumber(tpm),
-    meta = { key_id = id, key_name = name, priority = prio } }
+    meta = meta }
 end
 
 local KEY_NS = "gateway.key"
@@ -118,6 +122,8 @@ local function check(handle)
   headers:remove("authorization")
   headers:remove("api-key")
   headers:remove("x-api-key")
+  -- The key, for the usage accounting (every request it made, refused ones included) and the answer.
+  handle:streamInfo():dynamicMetadata():set("gateway", "key", record.meta)
   -- Model access: the model route's metadata (under this filter's name) names its model id.
   local model = handle:metadata():get("model")
   if model and record.models and not record.models[model] then
@@ -139,7 +145,16 @@ local function check(handle)
   -- The key's id for the request quota filter behind this one (a bucket per key), never sent upstream
   -- (the router strips it: route.py).
   headers:replace("x-gateway-key-id", record.id)
-  handle:streamInfo():dynamicMetadata():set("gateway", "key", record.meta)
+end
+
+-- OpenAI's limit headers on every answer to a key with limits. (How many remain is known to no Envoy
+-- alone: the limits hold across all of them.)
+function envoy_on_response(handle)
+  local gateway = handle:streamInfo():dynamicMetadata():get("gateway")
+  local key = gateway and gateway.key
+  if not key then return end
+  if key.rpm then handle:headers():replace("x-ratelimit-limit-requests", key.rpm) end
+  if key.tpm then handle:headers():replace("x-ratelimit-limit-tokens", key.tpm) end
 end
 
 -- Envoy lets a request through when its Lua code fails at run time: fail closed instead.

@@ -49,6 +49,7 @@ from control_plane.xds.builders.keys import build_key_filter
 from control_plane.xds.builders.local_reply import build_local_reply_config
 from control_plane.xds.builders.quota import build_quota_filter
 from control_plane.xds.builders.route import BODY_INVALID_KEY, MODEL_KEY, MODEL_MISSING_KEY, MODEL_PATH_REGEX
+from control_plane.xds.builders.usage import MAX_TOKENS_KEY, build_usage_filter
 from control_plane.xds.resources import LISTENER_NAME, METADATA_NAMESPACE, ROUTE_CONFIG_NAME
 
 
@@ -87,7 +88,21 @@ def _model_header_filter(settings: GatewaySettings) -> h2m.Config:
     )
 
 
-def _json_body_filter() -> j2m.JsonToMetadata:
+def _max_tokens_rules() -> list[j2m.JsonToMetadata.Rule]:
+    """The most a request may generate (`max_tokens`, or `max_completion_tokens` which wins), charged to
+    its key when the engine reports no usage (a stream whose client did not ask for it)."""
+    return [
+        j2m.JsonToMetadata.Rule(
+            selectors=[j2m.JsonToMetadata.Selector(key=name)],
+            on_present=j2m.JsonToMetadata.KeyValuePair(
+                metadata_namespace=METADATA_NAMESPACE, key=MAX_TOKENS_KEY, type=j2m.JsonToMetadata.NUMBER
+            ),
+        )
+        for name in ("max_tokens", "max_completion_tokens")
+    ]
+
+
+def _json_body_filter(auth_mode: str = "none") -> j2m.JsonToMetadata:
     kv = j2m.JsonToMetadata.KeyValuePair
     return j2m.JsonToMetadata(
         request_rules=j2m.JsonToMetadata.MatchRules(
@@ -122,7 +137,8 @@ def _json_body_filter() -> j2m.JsonToMetadata:
                         key=BODY_INVALID_KEY,
                         value=struct_pb2.Value(bool_value=True),
                     ),
-                )
+                ),
+                *(_max_tokens_rules() if auth_mode == "api_key" else []),
             ],
             # Without this, `application/json; charset=utf-8` would silently skip the filter.
             allow_content_types_regex=regex_pb2.RegexMatcher(regex="(?i)application/json.*"),
@@ -166,6 +182,11 @@ def _early_header_mutation() -> extension_pb2.TypedExtensionConfig:
     )
 
 
+def _usage_filters(auth_mode: str) -> list[hcm.HttpFilter]:
+    """With API keys on: the engines' token usage into metadata (usage.py), last before the router."""
+    return [build_usage_filter()] if auth_mode == "api_key" else []
+
+
 def _tenancy_filters(auth_mode: str, credential: str) -> list[hcm.HttpFilter]:
     """With API keys on: the key check (its table over ECDS, keys.py), which runs once the body is in, so
     the route (the model) is known for the model check; then the per-key request limit (quota.py), whose
@@ -189,19 +210,22 @@ def build_connection_manager(
                 "envoy.filters.http.buffer",
                 buffer_pb2.Buffer(max_request_bytes=uint32(settings.max_request_body_bytes)),
             ),
-            _http_filter("envoy.filters.http.json_to_metadata", _json_body_filter()),
+            _http_filter("envoy.filters.http.json_to_metadata", _json_body_filter(auth_mode)),
             *_tenancy_filters(auth_mode, node.log_credential),
             # /v1/generate (entered for that path only) and served_model renaming (entered only on the
             # routes of models that set it): generate.py.
             _http_filter(LUA_FILTER_NAME, build_generate_filter()),
             _http_filter(RENAME_FILTER_NAME, build_rename_filter()),
+            *_usage_filters(auth_mode),
             # No x-envoy-expected-rq-timeout-ms or attempt count to the engines, no
             # x-envoy-upstream-service-time to clients.
             _http_filter("envoy.filters.http.router", router_pb2.Router(suppress_envoy_headers=True)),
         ],
         early_header_mutation_extensions=[_early_header_mutation()],
         local_reply_config=build_local_reply_config(settings),
-        access_log=build_access_logs(settings.access_log, node.access_log_path, node.log_credential),
+        access_log=build_access_logs(
+            settings.access_log, node.access_log_path, node.log_credential, keyed=auth_mode == "api_key"
+        ),
         # Streams are cut by idle timeouts, never by a whole-request timeout at this level.
         stream_idle_timeout=seconds(settings.stream_idle_timeout_s),
         # When a model server dies mid-stream, the client learns it 0.1 s later instead of Envoy's 1 s
