@@ -30,6 +30,7 @@ from control_plane.observability.file_sd import FileSdWriter
 from control_plane.runtime import EndpointGauges, HealthWiring, TelemetryWiring
 from control_plane.service import ControlPlane
 from control_plane.store.overlay import AdminStore
+from control_plane.tenancy.usage import UsageSettings
 from control_plane.tenancy.wiring import TenancyWiring
 from control_plane.watcher import ConfigWatcher
 from control_plane.xds.als import AccessLogServicer, LocalReplyCounter, add_als_servicer
@@ -58,6 +59,8 @@ class ServeSettings:
     alertmanager_url: str | None = None  # linked from the status page
     file_sd_dir: Path | None = None  # where to write Prometheus file-SD targets of every model server
     allow_empty: bool = False  # serve a registry without models (else refused at start and on reload)
+    usage_retention_days: int = 35  # usage per key and minute is kept this long
+    usage_key_labels: int = 1000  # key names in Prometheus labels; further keys are `(other)`
 
 
 class _AdminServer(uvicorn.Server):
@@ -128,9 +131,16 @@ async def serve(settings: ServeSettings) -> None:
     # ...and every /v1/generate call, per model and scenario (same stream).
     generate_calls = GenerateCounter(metrics, plane.registry)
     plane.add_registry_listener(generate_calls.follow)
-    add_als_servicer(grpc_server, AccessLogServicer([local_replies, generate_calls], authenticator=xds_auth))
-    # API keys (their table pushed over ECDS) and the per-key request limit (RLQS on the same server).
-    tenancy = TenancyWiring.create(plane, settings.state_db, store, grpc_server, xds_auth)
+    # API keys (their table pushed over ECDS), the per-key request limit (RLQS on the same server) and
+    # usage per key (a sink of the access-log stream, with the token limits it enforces).
+    usage_settings = UsageSettings(settings.usage_retention_days, settings.usage_key_labels)
+    tenancy = TenancyWiring.create(
+        plane, settings.state_db, store, grpc_server, xds_auth, metrics, usage_settings
+    )
+    add_als_servicer(
+        grpc_server,
+        AccessLogServicer([local_replies, generate_calls, *tenancy.sinks], authenticator=xds_auth),
+    )
     observers = Observers(
         prober=health.prober, loads=load_store, telemetry=telemetry.collector if telemetry else None
     )

@@ -49,6 +49,13 @@ def _xds_secret(args: argparse.Namespace, create: bool) -> str:
     return check_secret(read_secret(path))
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: must be 1 or more")
+    return number
+
+
 def _serve(args: argparse.Namespace) -> int:
     from control_plane.app import ServeSettings, serve
 
@@ -71,6 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
         admin_host=args.admin_host,
         admin_port=args.admin_port,
         allow_empty=args.allow_empty,
+        usage_retention_days=args.usage_retention_days,
+        usage_key_labels=args.usage_key_labels,
     )
     try:
         asyncio.run(serve(settings))
@@ -214,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("ALLOW_EMPTY_REGISTRY", "") == "1",
         help="serve a registry without models (every request 404) instead of refusing it at start and "
         "on reload; a file can say the same with a top-level `allow_empty: true`",
+    )
+    serve.add_argument(
+        "--usage-retention-days",
+        type=_positive_int,
+        default=int(env("USAGE_RETENTION_DAYS", "35")),
+        help="how long usage per API key and minute is kept (GET /admin/keys/{id}/usage)",
+    )
+    serve.add_argument(
+        "--usage-key-labels",
+        type=_positive_int,
+        default=int(env("USAGE_KEY_LABELS", "1000")),
+        help="API key names in the usage metrics' `key` label; further keys are labelled (other)",
     )
     serve.set_defaults(func=_serve)
 

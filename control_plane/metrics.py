@@ -28,6 +28,8 @@ class ControlPlaneMetrics:
     generate_duration: Histogram
     generate_first_byte: Histogram
     generate_tokens: Counter
+    key_requests: Counter
+    key_tokens: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ControlPlaneMetrics:
@@ -119,6 +121,20 @@ class ControlPlaneMetrics:
                 "Tokens of /v1/generate calls as the engines reported them, by model, scenario and kind "
                 "(prompt: in, completion: out).",
                 ["model", "scenario", "kind"],
+                registry=registry,
+            ),
+            key_requests=Counter(
+                "llm_gateway_key_requests",
+                "Requests per API key (its name; (other) past the label cap), model id and code (ok, the "
+                "gateway's error code, upstream_error), from the access-log stream.",
+                ["key", "model", "code"],
+                registry=registry,
+            ),
+            key_tokens=Counter(
+                "llm_gateway_key_tokens",
+                "Tokens per API key, model id and kind (prompt, completion; completion is the request's "
+                "max_tokens when the engine reported no usage).",
+                ["key", "model", "kind"],
                 registry=registry,
             ),
         )

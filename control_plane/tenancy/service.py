@@ -63,6 +63,7 @@ class KeyService:
         self._model_names: frozenset[str] | None = None  # None until a registry is followed
         self._mode = "none"
         self._listeners: list[KeyListener] = []
+        self._followed = False  # whether follow() ran once (and announced the table)
         # One change at a time, its listeners included: they see the changes in the order made.
         self._changes = asyncio.Lock()
 
@@ -179,11 +180,15 @@ class KeyService:
                     declared[item.name] = old  # unchanged: keeps its dates
                 else:
                     declared[item.name] = replace(fresh, created_at=old.created_at)
-            if declared == self._declared:
+            # The first call announces the table whatever it holds: the stored keys must reach the
+            # listeners (Envoy's key table, the quota server) after a restart too.
+            if declared == self._declared and self._followed:
                 return
+            self._followed = True
             summary = _declared_changes(self._declared, declared)
+            if declared != self._declared:
+                self._audit("key.registry", "auth.keys", summary)
             self._declared = declared
-            self._audit("key.registry", "auth.keys", summary)
             failure = await self._notify()
             if failure:
                 log.error("registry keys changed (%s) but the key table push failed: %s", summary, failure)

@@ -31,6 +31,11 @@ def test_shipped_registries_validate(path: str) -> None:
     assert load_registry(REPO / path).models
 
 
+def test_keys_are_off_locally_and_on_in_compose() -> None:
+    assert load_registry(REPO / "models.yaml").auth.mode == "none"
+    assert load_registry(REPO / "deploy/compose/models.yaml").auth.mode == "api_key"
+
+
 def test_compose_backends_match_the_compose_registry() -> None:
     services = compose(REPO / "docker-compose.yml")["services"]
     registry = load_registry(REPO / "deploy/compose/models.yaml")
