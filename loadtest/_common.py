@@ -433,6 +433,7 @@ _WRK_LUA = """
 wrk.method = "POST"
 wrk.body = [==[BODY]==]
 wrk.headers["Content-Type"] = "application/json"
+HEADERS
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -448,13 +449,23 @@ def wrk_binary() -> str | None:
     return shutil.which("wrk")
 
 
-def run_wrk(url: str, body: str, connections: int, duration_s: float, timeout_s: float = 5.0) -> LoadResult:
-    """``wrk -t1`` (one client thread, to leave the cores to what is measured) POSTing ``body`` to ``url``."""
+def run_wrk(
+    url: str,
+    body: str,
+    connections: int,
+    duration_s: float,
+    timeout_s: float = 5.0,
+    headers: Mapping[str, str] | None = None,
+) -> LoadResult:
+    """``wrk -t1`` (one client thread, to leave the cores to what is measured) POSTing ``body`` to ``url``,
+    with ``headers`` on every request besides the JSON content type."""
     binary = wrk_binary()
     if binary is None:
         raise FileNotFoundError("wrk is not installed")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_LUA.replace("BODY", body))
+        lines = (f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in (headers or {}).items())
+        extra = "".join(lines)
+        script.write(_WRK_LUA.replace("HEADERS\n", extra).replace("BODY", body))
     try:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(
@@ -495,11 +506,13 @@ def run_wrk(url: str, body: str, connections: int, duration_s: float, timeout_s:
     )
 
 
-async def _python_load(url: str, body: str, connections: int, duration_s: float) -> LoadResult:
+async def _python_load(
+    url: str, body: str, connections: int, duration_s: float, extra_headers: Mapping[str, str] | None = None
+) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     payload = body.encode()
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **(extra_headers or {})}
     cpu0 = own_cpu_seconds()
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=5)) as session:
@@ -537,12 +550,14 @@ async def _python_load(url: str, body: str, connections: int, duration_s: float)
     )
 
 
-def run_load(url: str, body: str, connections: int, duration_s: float) -> LoadResult:
+def run_load(
+    url: str, body: str, connections: int, duration_s: float, headers: Mapping[str, str] | None = None
+) -> LoadResult:
     """Closed-loop POST load: ``wrk`` when installed, else an asyncio client (much slower: it bounds the
-    figures, so results say which client ran)."""
+    figures, so results say which client ran). ``headers`` go on every request (an API key)."""
     if wrk_binary() is not None:
-        return run_wrk(url, body, connections, duration_s)
-    return asyncio.run(_python_load(url, body, connections, duration_s))
+        return run_wrk(url, body, connections, duration_s, headers=headers)
+    return asyncio.run(_python_load(url, body, connections, duration_s, headers))
 
 
 class ProcessCpu:

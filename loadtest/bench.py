@@ -10,6 +10,7 @@ Sections, in this order (each starts and stops its own processes, on loopback po
 - ``convergence``  admin drain/undrain and health flips: from the change to Envoy applying it
 - ``scale``        snapshot build and push/ACK for 10, 100, 1000 models (10 ADS clients, one real Envoy)
 - ``profile``      Envoy's per-request cost of each part of the gateway's config; cProfile of the build
+                   (``BENCH_PROFILE_ONLY=bare,gateway,...`` in the environment: only those Envoy rows)
 - ``balancing``    ``loadtest.bench_balancing`` with short arguments (full run only)
 
 The full run takes about 6 minutes on 2 cores, ``--quick`` under 2. Prints markdown and writes every
@@ -24,6 +25,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -92,13 +94,17 @@ def _scale(quick: bool) -> SectionResult:
 
 
 def _profile(quick: bool) -> SectionResult:
+    # BENCH_PROFILE_ONLY=bare,gateway,gateway-keys,... runs only those rows (keys of bench_profile.variants).
+    only = tuple(_names(os.environ.get("BENCH_PROFILE_ONLY", "")))
     if quick:
         return bench_profile.run(
             bench_profile.ProfileSettings(
-                duration_s=1.0, warmup_s=0.3, only=("bare", "metadata", "gateway", "some-last", "many-last")
+                duration_s=1.0,
+                warmup_s=0.3,
+                only=only or ("bare", "metadata", "gateway", "gateway-keys", "some-last", "many-last"),
             )
         )
-    return bench_profile.run(bench_profile.ProfileSettings(duration_s=3.0, warmup_s=1.0))
+    return bench_profile.run(bench_profile.ProfileSettings(duration_s=3.0, warmup_s=1.0, only=only))
 
 
 BALANCING_ARGS = ["--duration", "10", "--warmup", "3"]

@@ -15,6 +15,11 @@ request shows on its own:
    per-name ``GET /v1/models/{name}`` routes, with those matched on the path alone, and with the 400
    ``missing-model`` route moved up.
 
+Rows 4a-4c take one part out of row 4; rows 4d-4f add API keys (``auth.mode: api_key``, 1000 keys, a valid
+key on every request; profile_keys.py): the key check alone, then the token usage (ai_protocol_manager,
+max_tokens rules, an access-log stream entry per request), then the request quota (RLQS): row 4f is the
+keyed listener as the control plane renders it, its key table inlined (no ECDS in a static bootstrap).
+
 Each runs at concurrency 1 (latency) and at a concurrency that saturates the one Envoy worker
 (throughput and Envoy CPU per request). **Control plane.** cProfile of ``build_snapshot`` on a
 1000-model registry, and of what a health flip costs at that size (``ControlPlane.set_health``).
@@ -24,12 +29,14 @@ from __future__ import annotations
 
 import copy
 import cProfile
+import dataclasses
 import io
 import math
+import os
 import pstats
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +50,11 @@ from google.protobuf import json_format
 
 from control_plane.config import parse_registry
 from control_plane.devstack.procs import free_port
-from control_plane.state import NodeParams, build_state
+from control_plane.state import NodeParams, StateInputs, build_state
 from control_plane.xds.builders import build_snapshot
 from control_plane.xds.builders.generate import LUA_FILTER_NAME
+from control_plane.xds.builders.quota import QUOTA_FILTER_NAME
+from control_plane.xds.builders.usage import USAGE_FILTER_NAME
 from control_plane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from loadtest._common import (
     ProcessCpu,
@@ -58,6 +67,16 @@ from loadtest._common import (
 )
 from loadtest.bench_overhead import BODY, MODEL, PATH, bare_bootstrap
 from loadtest.bench_scale import generated_registry, measure_health_flip
+from loadtest.profile_keys import (
+    KEY_COUNT,
+    GrpcSink,
+    bench_keys,
+    check_keyed,
+    control_plane_cluster,
+    inline_key_filter,
+    render_keys,
+    wait_for,
+)
 
 BUFFER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer"
 
@@ -98,13 +117,18 @@ def gateway_filters(listener_dict: dict[str, Any], names: tuple[str, ...]) -> li
 
 
 def static_gateway_bootstrap(
-    doc: dict[str, Any], listen_port: int, admin_port: int
+    doc: dict[str, Any],
+    listen_port: int,
+    admin_port: int,
+    inputs: StateInputs | None = None,
+    control_plane_port: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The control plane's snapshot for ``doc`` as a static bootstrap: RDS inlined into the connection
-    manager, every EDS cluster turned STATIC with its ClusterLoadAssignment. Also returns the listener
-    as a dict (for its filters)."""
+    """The control plane's snapshot for ``doc`` (and ``inputs``: API keys) as a static bootstrap: RDS
+    inlined into the connection manager, every EDS cluster turned STATIC with its ClusterLoadAssignment,
+    the key check's ECDS resource inlined. With ``control_plane_port``, the bootstrap's ``xds_cluster``
+    (access-log stream, quota server) points there. Also returns the listener as a dict (for its filters)."""
     registry = parse_registry(doc)
-    state = build_state(registry, lambda host: host)
+    state = build_state(registry, lambda host: host, inputs or StateInputs())
     # The access log goes to /dev/null: Envoy formats every line as the local stack's file log does, and
     # the disk is left out of the figure.
     node = NodeParams(listen_address="127.0.0.1", listen_port=listen_port, access_log_path="/dev/null")
@@ -130,6 +154,10 @@ def static_gateway_bootstrap(
         cluster.load_assignment.CopyFrom(assignment)
         clusters.append(json_format.MessageToDict(cluster, preserving_proto_field_name=True))
     listener_dict = json_format.MessageToDict(listener, preserving_proto_field_name=True)
+    if state.auth_mode == "api_key":
+        inline_key_filter(listener_dict, state)
+    if control_plane_port:
+        clusters.append(control_plane_cluster(control_plane_port))
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {"listeners": [listener_dict], "clusters": clusters},
@@ -248,11 +276,47 @@ class Variant:
     label: str
     bootstrap: Callable[[int, int], dict[str, Any]]  # (listen, admin) -> bootstrap
     body: str = BODY
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Sent with every request (an API key); a variant with headers is checked first (401 without)."""
+    reports: tuple[str, ...] = ()
+    """What the Envoy must have reported to the control plane after the check: "usage", "quota"."""
 
 
-def variants(upstream_port: int, settings: ProfileSettings) -> list[Variant]:
+def variants(upstream_port: int, settings: ProfileSettings, control_plane_port: int = 0) -> list[Variant]:
     bare = lambda listen, admin: bare_bootstrap(listen, admin, upstream_port)  # noqa: E731
     _, gateway_listener = static_gateway_bootstrap(one_model_doc(upstream_port), 1, 2)
+    key, key_entries = bench_keys(KEY_COUNT)
+    key_header = {"authorization": f"Bearer {key}"}
+    keyed_doc = {**one_model_doc(upstream_port), "auth": {"mode": "api_key"}}
+
+    def keyed(
+        *transforms: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> Callable[[int, int], dict[str, Any]]:
+        def make(lp: int, ap: int) -> dict[str, Any]:
+            out = static_gateway_bootstrap(
+                keyed_doc, lp, ap, StateInputs(keys=key_entries), control_plane_port=control_plane_port
+            )[0]
+            for transform in transforms:
+                out = transform(out)
+            return out
+
+        return make
+
+    def unkeyed_logs_and_body_rules(bootstrap: dict[str, Any]) -> dict[str, Any]:
+        """Row 4's access logs (no entry per keyed request) and JSON rules (no max_tokens)."""
+        out = copy.deepcopy(bootstrap)
+        row4 = gateway_listener["filter_chains"][0]["filters"][0]["typed_config"]
+        manager = _hcm(out)
+        manager["access_log"] = copy.deepcopy(row4["access_log"])
+        json_rules = next(
+            f for f in row4["http_filters"] if f["name"] == "envoy.filters.http.json_to_metadata"
+        )
+        manager["http_filters"] = [
+            copy.deepcopy(json_rules) if f["name"] == json_rules["name"] else f
+            for f in manager["http_filters"]
+        ]
+        return out
+
     buffer_only = gateway_filters(gateway_listener, ("envoy.filters.http.buffer",))
     metadata = gateway_filters(
         gateway_listener,
@@ -303,6 +367,30 @@ def variants(upstream_port: int, settings: ProfileSettings) -> list[Variant]:
             "4c. as 4, without the Lua filter (/v1/generate, served_model)",
             one_then(without_http_filter(LUA_FILTER_NAME)),
         ),
+        Variant(
+            "gateway-keys",
+            f"4d. as 4, API keys: the key check (Lua SHA-256, {KEY_COUNT:,} hashed keys) on each request",
+            keyed(
+                without_http_filter(QUOTA_FILTER_NAME),
+                without_http_filter(USAGE_FILTER_NAME),
+                unkeyed_logs_and_body_rules,
+            ),
+            headers=key_header,
+        ),
+        Variant(
+            "gateway-keys-usage",
+            "4e. as 4d, + token usage (ai_protocol_manager, max_tokens rules, a log entry per request)",
+            keyed(without_http_filter(QUOTA_FILTER_NAME)),
+            headers=key_header,
+            reports=("usage",),
+        ),
+        Variant(
+            "gateway-keys-quota",
+            "4f. as 4e, + the request quota (rate_limit_quota, RLQS): the whole keyed listener",
+            keyed(),
+            headers=key_header,
+            reports=("usage", "quota"),
+        ),
         Variant("some-last", f"5. the same, {some} models, request for the last", gateway(some)),
         Variant("many-last", f"6. the same, {many} models, request for the last", gateway(many)),
         Variant(
@@ -326,11 +414,25 @@ def variants(upstream_port: int, settings: ProfileSettings) -> list[Variant]:
     ]
 
 
+def _wait_for_reports(variant: Variant, sink: GrpcSink | None) -> None:
+    """What the keyed Envoy sends the control plane really flows (after check_keyed's requests)."""
+    if not variant.reports:
+        return
+    assert sink is not None
+    if "usage" in variant.reports:
+        wait_for("an access-log entry with token usage", lambda: sink.counter.with_usage > 0)
+    if "quota" in variant.reports:
+        wait_for("a quota report for the key's bucket", lambda: sink.quota_buckets() > 0)
+
+
 def envoy_ablation(settings: ProfileSettings, work: Path) -> list[dict[str, Any]]:
     upstream, upstream_port = start_upstream(work, "upstream-profile")
+    chosen = [v for v in variants(upstream_port, settings) if not settings.only or v.key in settings.only]
+    # The control plane's access-log and quota services, for the keyed rows only.
+    sink = GrpcSink().start() if any(v.headers for v in chosen) else None
     rows: list[dict[str, Any]] = []
     try:
-        for variant in variants(upstream_port, settings):
+        for variant in variants(upstream_port, settings, sink.port if sink else 0):
             if settings.only and variant.key not in settings.only:
                 continue
             listen, admin = free_port(), free_port()
@@ -341,11 +443,18 @@ def envoy_ablation(settings: ProfileSettings, work: Path) -> list[dict[str, Any]
             startup_s = time.monotonic() - started
             try:
                 url = f"{envoy.url}{PATH}"
+                if variant.headers:
+                    check_keyed(url, variant.body, variant.headers)
+                    _wait_for_reports(variant, sink)
+                pids = {"envoy": envoy.process.pid, "upstream": upstream.pid}
+                if variant.reports:
+                    pids["sink"] = os.getpid()  # the stand-in control plane runs in this process
                 for connections in (1, settings.saturating_concurrency):
-                    run_load(url, variant.body, connections, settings.warmup_s)
-                    cpu = ProcessCpu({"envoy": envoy.process.pid, "upstream": upstream.pid})
+                    run_load(url, variant.body, connections, settings.warmup_s, variant.headers)
+                    logged = sink.counter.entries if sink else 0
+                    cpu = ProcessCpu(pids)
                     cpu.start()
-                    result = run_load(url, variant.body, connections, settings.duration_s)
+                    result = run_load(url, variant.body, connections, settings.duration_s, variant.headers)
                     cores = cpu.stop()
                     rows.append(
                         {
@@ -358,11 +467,15 @@ def envoy_ablation(settings: ProfileSettings, work: Path) -> list[dict[str, Any]
                             "envoy_cpu_us_per_request": cpu.seconds["envoy"] / result.requests * 1e6
                             if result.requests
                             else math.nan,
+                            # Log-stream entries that arrived during the run (flushed every second).
+                            "stream_entries": (sink.counter.entries - logged) if sink else 0,
                         }
                     )
             finally:
                 envoy.process.stop()
     finally:
+        if sink is not None:
+            sink.stop()
         upstream.stop()
     return rows
 
@@ -463,6 +576,11 @@ def run(settings: ProfileSettings) -> SectionResult:
         f"{settings.duration_s:g} s per cell):\n\n"
         + render_ablation(rows, settings)
         + "\n\n"
+        + (
+            f"API keys (rows 4d-4f), with latency percentiles:\n\n{keys}\n\n"
+            if (keys := render_keys(rows, settings.saturating_concurrency))
+            else ""
+        )
         + render_build_profile(build)
         + "\n\n"
         + flip["markdown"]
