@@ -7,7 +7,9 @@ restart, and a budget used up before the restart is refused again after it."""
 from __future__ import annotations
 
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -157,3 +159,47 @@ def _works(client: openai.OpenAI) -> bool:
     except openai.APIError:
         return False
     return True
+
+
+def test_a_token_limit_holds_across_two_envoys(make_stack: StackFactory) -> None:
+    """A key limited to L tokens per minute, asked for 3 L through two Envoys for half a minute (streams
+    among the calls): the tokens it gets stay within 1.1 L, since any 60 s window may hold only L."""
+    doc = registry(model("qwen2", "tgi", [free_port()], aliases=["qwen"]))
+    doc["auth"] = {"mode": "api_key"}
+    stack = make_stack(doc)
+    second = stack.start_envoy()
+    urls = [stack.envoys[0].url, second.url]
+    limit = 3000
+    key = create_key(stack, name="tpm-limited", tpm_limit=limit)
+    clients = [openai.OpenAI(base_url=f"{url}/v1", api_key=key["key"], max_retries=0) for url in urls]
+    duration_s, calls_per_s = 30.0, 5  # about 30 tokens a call: 3 L per minute
+    used: list[int] = []
+    refused: list[str] = []
+    lock = threading.Lock()
+    started = time.monotonic() + 0.5
+
+    def one(index: int) -> None:
+        time.sleep(max(0.0, started + index / calls_per_s - time.monotonic()))
+        args: dict[str, Any] = {"model": "qwen", "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+        try:
+            if index % 3:
+                answer = clients[index % 2].chat.completions.create(**args)
+                tokens = answer.usage.total_tokens if answer.usage else 0
+            else:  # a stream with its usage chunk
+                chunks = clients[index % 2].chat.completions.create(
+                    stream=True, stream_options={"include_usage": True}, **args
+                )
+                tokens = sum(c.usage.total_tokens for c in chunks if c.usage)
+        except openai.RateLimitError as error:
+            with lock:
+                refused.append(str(error.code))
+            return
+        with lock:
+            used.append(tokens)
+
+    with ThreadPoolExecutor(16) as pool:  # tens of calls in flight at the peaks
+        list(pool.map(one, range(int(duration_s * calls_per_s))))
+    total = sum(used)
+    assert total <= 1.1 * limit, (total, len(used), len(refused))
+    assert total >= 0.6 * limit, total  # limited, not blocked
+    assert refused and set(refused) == {"rate_limit_exceeded"}
