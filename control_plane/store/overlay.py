@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from control_plane.config.loader import parse_registry, validation_problems
 from control_plane.config.schema import EndpointConfig, ModelConfig, Registry
+from control_plane.store.sqlite import open_database
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,7 @@ class Applied:
 
 class AdminStore:
     def __init__(self, path: Path | str) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # One connection, used from the event loop thread and the occasional worker thread; serialised.
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(path, _SCHEMA)
         # Databases written before audit entries named their actor gain the column (old rows: '').
         if "actor" not in {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}:
             self._db.execute("ALTER TABLE audit ADD COLUMN actor TEXT NOT NULL DEFAULT ''")

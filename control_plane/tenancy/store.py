@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from control_plane.store.sqlite import open_database
 from control_plane.tenancy.errors import KeyConflict, KeyNotFound
 from control_plane.tenancy.keys import ApiKey, KeySettings
 
@@ -51,15 +52,7 @@ class KeyStore(Protocol):
 
 class SqliteKeyStore:
     def __init__(self, path: Path | str) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # One connection, from the event loop and the occasional worker thread; serialised by the lock.
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        # The admin store may hold the file at this moment: wait for it rather than fail.
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(path, _SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:

@@ -9,12 +9,13 @@ control planes would then add to the same rows).
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from control_plane.store.sqlite import open_database
 
 Grouping = Literal["model", "minute", "hour", "day", "key"]
 BUCKET_SECONDS: Mapping[str, int] = {"minute": 60, "hour": 3600, "day": 86400}
@@ -100,13 +101,7 @@ class UsageStore(Protocol):
 
 class SqliteUsageStore:
     def __init__(self, path: Path | str) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout=5000")  # the admin and key stores share the file
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(path, _SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:
