@@ -25,6 +25,7 @@ from control_plane.admin.timeseries import TimeSeriesSampler
 from control_plane.admin.views import Observers
 from control_plane.config.loader import load_registry
 from control_plane.config.schema import Registry
+from control_plane.lifecycle.wiring import LifecycleWiring
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.observability.file_sd import FileSdWriter
 from control_plane.runtime import EndpointGauges, HealthWiring, TelemetryWiring
@@ -91,6 +92,15 @@ async def serve(settings: ServeSettings) -> None:
     cache = SnapshotCache()
     store = AdminStore(settings.state_db)
     xds_auth = XdsAuthenticator(settings.xds_secret, metrics.registry)  # ADS, LRS and ALS alike
+    load_store = LoadReportStore(interval_s=settings.load_report_interval_s)  # Envoys' LRS load reports
+    # Launched models: the model directories are scanned before the plane's first registry.
+    lifecycle = LifecycleWiring.create(
+        registry,
+        settings.config_path,
+        Path(registry.lifecycle.log_dir or settings.state_db.parent / "engine-logs"),
+        load_store,
+        metrics.registry,
+    )
     plane = ControlPlane(
         registry,
         cache=cache,
@@ -98,6 +108,7 @@ async def serve(settings: ServeSettings) -> None:
         store=store,
         allow_empty=settings.allow_empty,
         log_credential=xds_auth.log_token(),
+        layer=lifecycle.discovered.layer,
     )
     metrics.registry.register(EndpointGauges(plane))
     watcher = ConfigWatcher(
@@ -123,7 +134,6 @@ async def serve(settings: ServeSettings) -> None:
     grpc_server, xds_port = create_grpc_server(
         AdsServicer(cache, plane, metrics, xds_auth), f"{settings.xds_host}:{settings.xds_port}"
     )
-    load_store = LoadReportStore(interval_s=settings.load_report_interval_s)  # Envoys' LRS load reports
     add_lrs_servicer(grpc_server, LoadReportingServicer(load_store, authenticator=xds_auth))
     # Errors Envoy answers itself, per model and code (its access-log stream, same credential check).
     local_replies = LocalReplyCounter(metrics, plane.registry)
@@ -142,12 +152,16 @@ async def serve(settings: ServeSettings) -> None:
         AccessLogServicer([local_replies, generate_calls, *tenancy.sinks], authenticator=xds_auth),
     )
     observers = Observers(
-        prober=health.prober, loads=load_store, telemetry=telemetry.collector if telemetry else None
+        prober=health.prober,
+        loads=load_store,
+        telemetry=telemetry.collector if telemetry else None,
+        lifecycle=lifecycle.status_of,
     )
     links = {"prometheus": settings.prometheus_url, "alertmanager": settings.alertmanager_url}
     admin_app = create_admin_app(plane, metrics, watcher, settings.admin_token, observers, links)
     guard = Depends(bearer_guard(settings.admin_token))
     register_load_routes(admin_app, load_store, dependencies=[guard])
+    lifecycle.register_routes(admin_app, dependencies=[guard])
     tenancy.register_routes(admin_app, dependencies=[guard])
     sampler = TimeSeriesSampler(
         plane,
@@ -167,6 +181,7 @@ async def serve(settings: ServeSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     watcher.install_sighup(loop)
 
+    await lifecycle.start(plane)  # before any Envoy connects: its first snapshot names the activator
     await grpc_server.start()
     await tenancy.start(plane)
     await health.follow(plane.registry)
@@ -195,6 +210,7 @@ async def serve(settings: ServeSettings) -> None:
         if telemetry is not None:
             await telemetry.stop()
         admin.should_exit = True
+        await lifecycle.stop()
         await grpc_server.stop(grace=1.0)
         await admin_task
         tenancy.close()

@@ -28,6 +28,7 @@ from control_plane.state import (
     GatewayState,
     Health,
     KeyEntry,
+    LaunchedReplica,
     NodeParams,
     Resolver,
     StateInputs,
@@ -48,6 +49,8 @@ from control_plane.xds.sync import SyncReport, SyncWaiter
 
 log = logging.getLogger(__name__)
 
+RegistryLayer = Callable[[Registry], Registry]
+
 RegistryListener = Callable[[Registry], Awaitable[None]]
 
 
@@ -66,10 +69,14 @@ class ControlPlane:
         allow_empty: bool = False,
         cluster_checker: ClusterChecker = cluster_problems,
         log_credential: str = "",
+        layer: RegistryLayer | None = None,
     ) -> None:
         """Raises ConfigError if the registry file cannot be served (an invalid admin overlay is
-        skipped with warnings instead, see vetting.startup_config)."""
+        skipped with warnings instead, see vetting.startup_config). `layer` adds to every file registry
+        before the admin overlay (the models found in model directories: lifecycle/registry_layer.py)."""
+        self._layer: RegistryLayer = layer or (lambda r: r)
         self._file_registry = registry
+        registry = self._layer(registry)
         self._store = store or AdminStore(":memory:")
         self._cache = cache
         self._metrics = metrics
@@ -176,7 +183,7 @@ class ControlPlane:
         previous config left live if it does not pass, or if it would remove every model and neither
         the file's `allow_empty`, `force_empty` nor the plane's `allow_empty` says so."""
         async with self._changes:
-            applied = self._store.apply(registry)
+            applied = self._store.apply(self._layer(registry))
             forced = force_empty or registry.allow_empty or self._allow_empty
             if self.registry.models and not applied.registry.models and not forced:
                 raise ConfigError(
@@ -290,6 +297,28 @@ class ControlPlane:
         if weights == self._inputs.weights:
             return
         self._inputs.weights = dict(weights)
+        self._republish()
+
+    async def reapply(self) -> SyncReport:
+        """The layer's output changed (a model directory was rescanned): apply the file registry again."""
+        return await self.apply_registry(self._file_registry)
+
+    def set_activator(self, address: tuple[str, int] | None) -> None:
+        """Where requests for a launched model with no ready replica go (the activator); before any Envoy
+        connects, so the first snapshots have it."""
+        self._inputs.activator = address
+        self._republish()
+
+    def set_launched(self, model_id: str, replicas: tuple[LaunchedReplica, ...]) -> None:
+        """A launched model's ready replicas changed: only its endpoints (EDS) are pushed."""
+        if self._inputs.launched.get(model_id, ()) == replicas:
+            return
+        launched = dict(self._inputs.launched)
+        if replicas:
+            launched[model_id] = replicas
+        else:
+            launched.pop(model_id, None)
+        self._inputs.launched = launched
         self._republish()
 
     async def set_keys(self, keys: tuple[KeyEntry, ...]) -> SyncReport | None:

@@ -120,6 +120,16 @@ def resolve_host(host: str) -> str:
     return str(infos[0][4][0])
 
 
+@dataclass(frozen=True)
+class LaunchedReplica:
+    id: str
+    address: str  # an IP literal
+    port: int
+
+
+ACTIVATOR_ENDPOINT_ID = "activator"
+
+
 @dataclass
 class StateInputs:
     """What besides the registry shapes the state: probed health, telemetry weights, admin drains."""
@@ -129,11 +139,30 @@ class StateInputs:
     draining_endpoints: frozenset[str] = frozenset()
     draining_models: frozenset[str] = frozenset()
     keys: tuple[KeyEntry, ...] = ()  # API keys, from control_plane/tenancy
+    # Launched models (a `launch` section): their ready replicas by model id (control_plane/lifecycle),
+    # and where requests for one with none ready go meanwhile: the activator, which holds them.
+    launched: dict[str, tuple[LaunchedReplica, ...]] = field(default_factory=dict)
+    activator: tuple[str, int] | None = None
 
     def endpoint_health(self, model_id: str, endpoint_id: str) -> Health:
         if endpoint_id in self.draining_endpoints or model_id in self.draining_models:
             return Health.DRAINING
         return self.health.get(endpoint_id, Health.UNKNOWN)
+
+
+def _launched_endpoints(model_id: str, inputs: StateInputs) -> tuple[EndpointState, ...]:
+    """A launched model's ready replicas; none ready: the activator alone (it loads the model and holds
+    the request), or nothing (503) when there is no activator."""
+    replicas = inputs.launched.get(model_id, ())
+    if replicas:
+        return tuple(
+            EndpointState(id=r.id, address=r.address, port=r.port, weight=1, health=Health.UNKNOWN)
+            for r in replicas
+        )
+    if inputs.activator is None:
+        return ()
+    host, port = inputs.activator
+    return (EndpointState(ACTIVATOR_ENDPOINT_ID, host, port, weight=1, health=Health.UNKNOWN),)
 
 
 def build_state(
@@ -150,6 +179,11 @@ def build_state(
     addresses = addresses or {}
     models = []
     for model in registry.models:
+        if model.launch is not None:
+            launched = _launched_endpoints(model.id, inputs)
+            draining = model.id in inputs.draining_models
+            models.append(ModelState(config=model, endpoints=launched, draining=draining))
+            continue
         endpoints = []
         for index, endpoint in enumerate(model.endpoints):
             endpoint_id = model.endpoint_id(index)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,21 @@ async def _api_errors(
         return error_response(request.app[CONTEXT].style, exc.status, exc.message, exc.error_type)
 
 
+# Answered while loading: scraping and the test controls, as a real engine's metrics would be.
+_SERVED_WHILE_LOADING = frozenset({"/metrics", "/sim/state", "/sim/control"})
+
+
+@web.middleware
+async def _loading_gate(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """503 ``model loading`` (health and inference) until the configured load time has passed, like
+    llama.cpp's server while it loads its weights; the launcher's readiness wait polls ``/health``."""
+    if request.app[CONTEXT].loading and request.path not in _SERVED_WHILE_LOADING:
+        raise ApiError(503, "model loading", "model_loading")
+    return await handler(request)
+
+
 async def _abort_in_flight(app: web.Application) -> None:
     """On shutdown, abort generations (hung ones included) instead of waiting for them."""
     app[CONTEXT].engine.abort_all()
@@ -46,9 +62,13 @@ async def _endpoint_header(request: web.Request, response: web.StreamResponse) -
 def build_app(config: SimConfig, *, exit_process: Callable[[int], None] = os._exit) -> web.Application:
     """The app for ``config.engine``: its real API routes, ``/metrics``, ``/health`` and ``/sim/*``."""
     ctx = ServerContext(
-        config=config, engine=Engine(config), style=error_style(config.engine), exit_process=exit_process
+        config=config,
+        engine=Engine(config),
+        style=error_style(config.engine),
+        exit_process=exit_process,
+        ready_at=time.monotonic() + config.load_time_s,
     )
-    app = web.Application(middlewares=[_api_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_api_errors, _loading_gate], client_max_size=MAX_BODY_BYTES)
     app[CONTEXT] = ctx
     app.on_response_prepare.append(_endpoint_header)
     app.on_shutdown.append(_abort_in_flight)

@@ -12,10 +12,11 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TextIO
 
 from .app import build_app, start_server
-from .config import PROFILES, EngineKind, SimConfig, make_config
+from .config import PROFILES, EngineKind, GpuSettings, SimConfig, make_config
 
 log = logging.getLogger("backends.simulator")
 
@@ -52,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-model-len", type=int, default=32768, help="context window in tokens")
     p.add_argument("--kv-cache-tokens", type=int, default=65536, help="fake KV-cache capacity in tokens")
+    p.add_argument(
+        "--load-time-s",
+        type=float,
+        default=0.0,
+        help="seconds after start answering 503 'model loading' (health included), like an engine loading",
+    )
+    p.add_argument(
+        "--memory-mb",
+        type=int,
+        default=0,
+        help="fixed GPU memory footprint in MiB reported in the GPU metrics (0: follows the load)",
+    )
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -74,7 +87,17 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         seed=args.seed,
         max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens,
+        load_time_s=args.load_time_s,
+        gpu=gpu_settings(args.memory_mb),
     )
+
+
+def gpu_settings(memory_mb: int) -> GpuSettings:
+    """The fake GPU; with a footprint, one at least that large (a model needing 40 GiB gets a big card)."""
+    default = GpuSettings()
+    if memory_mb <= 0:
+        return replace(default, reserved_mib=memory_mb)  # a negative value is refused by SimConfig
+    return replace(default, reserved_mib=memory_mb, total_mib=max(default.total_mib, memory_mb))
 
 
 async def serve(config: SimConfig, host: str, port: int, out: TextIO) -> None:

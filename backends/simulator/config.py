@@ -79,6 +79,9 @@ class GpuSettings:
     """Fraction of the card the engine may use at most (weights + KV cache), like vLLM's
     ``--gpu-memory-utilization``."""
     model_name: str = "NVIDIA A10G"
+    reserved_mib: int = 0
+    """A fixed footprint (``--memory-mb``): memory used stays at this, as a real engine reserves its weights
+    and KV-cache pool when it loads; 0 = weights plus the used share of the KV pool."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,9 @@ class SimConfig:
     """Fake KV-cache capacity in tokens; cache usage = tokens of running requests / this."""
     embedding_dim: int = 384
     gpu: GpuSettings = field(default_factory=GpuSettings)
+    load_time_s: float = 0.0
+    """Seconds after start during which the server answers 503 ``model loading`` (a real engine loading its
+    weights), ``/health`` included."""
 
     def __post_init__(self) -> None:
         self.latency.validate()
@@ -123,6 +129,10 @@ class SimConfig:
             raise ValueError("kv_cache_tokens must be >= 1")
         if self.embedding_dim < 1:
             raise ValueError("embedding_dim must be >= 1")
+        if self.load_time_s < 0:
+            raise ValueError("load_time_s must be >= 0")
+        if self.gpu.reserved_mib < 0:
+            raise ValueError("memory_mb must be >= 0")
 
     @property
     def accepted_model_names(self) -> tuple[str, ...]:

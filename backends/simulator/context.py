@@ -26,6 +26,12 @@ class ServerContext:
     exit_process: Callable[[int], None] = os._exit
     """Called by the ``crash`` knob (tests replace it)."""
     started_at: int = field(default_factory=lambda: int(time.time()))
+    ready_at: float = 0.0
+    """``time.monotonic()`` from which the model is loaded (see ``SimConfig.load_time_s``)."""
+
+    @property
+    def loading(self) -> bool:
+        return time.monotonic() < self.ready_at
 
     def check_model(self, model: object, *, accept_any: bool) -> None:
         """404 (vLLM's message) for a ``model`` the server does not serve; absent = default model."""

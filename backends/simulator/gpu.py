@@ -23,8 +23,11 @@ def gpu_uuid(endpoint_id: str) -> str:
 def gpu_telemetry(engine: Engine) -> GpuTelemetry:
     """Utilisation = batch occupancy; memory = weights + the used share of the KV-cache pool."""
     gpu = engine.config.gpu
-    pool_mib = max(0.0, gpu.total_mib * gpu.kv_pool_fraction - gpu.weights_mib)
-    used = min(gpu.total_mib, round(gpu.weights_mib + pool_mib * engine.kv_cache_usage))
+    if gpu.reserved_mib:
+        used = min(gpu.total_mib, gpu.reserved_mib)  # reserved at load, whatever the load (--memory-mb)
+    else:
+        pool_mib = max(0.0, gpu.total_mib * gpu.kv_pool_fraction - gpu.weights_mib)
+        used = min(gpu.total_mib, round(gpu.weights_mib + pool_mib * engine.kv_cache_usage))
     return GpuTelemetry(
         util_percent=round(100.0 * engine.batch_occupancy, 1),
         fb_used_mib=used,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -39,6 +40,8 @@ class Observers:
     prober: HealthProber | None = None
     loads: LoadView | None = None
     telemetry: SignalsView | None = None
+    # A launched model's lifecycle (state, replicas, reason): control_plane/lifecycle/manager.py.
+    lifecycle: Callable[[str], dict[str, Any] | None] | None = None
 
 
 def drained(plane: ControlPlane, loads: LoadView | None, key: str, addresses: list[str]) -> bool | None:
@@ -141,4 +144,14 @@ def model_view(plane: ControlPlane, observers: Observers, model: ModelConfig) ->
         "in_flight": sum(e["in_flight"] or 0 for e in endpoints) if observers.loads else None,
         "source": "admin" if model.id in plane.applied.admin_models else "file",
         "endpoints": endpoints,
+        # cold, loading, ready, draining, unloading, failed for a launched model; ready for any other.
+        "state": "ready",
+        **_lifecycle(observers, model),
     }
+
+
+def _lifecycle(observers: Observers, model: ModelConfig) -> dict[str, Any]:
+    if model.launch is None or observers.lifecycle is None:
+        return {}
+    status = observers.lifecycle(model.id)
+    return {"state": status["state"], "lifecycle": status} if status else {}

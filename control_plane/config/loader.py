@@ -55,7 +55,9 @@ def parse_registry(data: Any, source: str = "<registry>", *, allow_empty: bool =
         registry = Registry.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, validation_problems(exc)) from None
-    if not registry.models and not (allow_empty or registry.allow_empty):
+    # Models found in model directories count: a file may list none of its own.
+    empty = not registry.models and not registry.lifecycle.model_dirs
+    if empty and not (allow_empty or registry.allow_empty):
         raise ConfigError(source, [f"models: no model is defined: {_EMPTY_HINT}"])
     return registry
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from control_plane.config.auth import AuthSettings
 from control_plane.config.cluster_overrides import check_cluster_overrides
+from control_plane.config.lifecycle import LaunchSettings, LifecycleSettings
 from control_plane.config.names import (
     ENDPOINT_ID,
     ENDPOINT_ID_RULE,
@@ -240,6 +241,11 @@ class ModelConfig(_Frozen):
     # The registry-wide scenarios, set by Registry (a private attribute: not a key of the file).
     _registry_scenarios: dict[str, Scenario] = PrivateAttr(default_factory=dict)
     endpoints: tuple[EndpointConfig, ...] = ()
+    launch: LaunchSettings | None = Field(
+        default=None,
+        description="Engines the control plane starts on demand instead of fixed endpoints "
+        "(docs/lifecycle.md).",
+    )
     limits: ModelLimits = ModelLimits()
     retry: RetryPolicy = RetryPolicy()
     outlier_detection: OutlierDetection = OutlierDetection()
@@ -268,6 +274,12 @@ class ModelConfig(_Frozen):
     @classmethod
     def _check_texts(cls, value: str | None) -> str | None:
         return None if value is None else check_text(value)
+
+    @model_validator(mode="after")
+    def _launched_or_listed(self) -> ModelConfig:
+        if self.launch is not None and self.endpoints:
+            raise ValueError("a model with `launch` has no `endpoints`: its replicas are engines it starts")
+        return self
 
     @field_validator("cluster_overrides")
     @classmethod
@@ -368,6 +380,10 @@ class Registry(_Frozen):
     health: HealthCheck = HealthCheck()
     telemetry: Telemetry = Telemetry()
     alerting: Alerting = Alerting()
+    lifecycle: LifecycleSettings = Field(
+        default=LifecycleSettings(),
+        description="Model directories scanned for models, the GPU memory budget of launched engines.",
+    )
     auth: AuthSettings = Field(
         default=AuthSettings(),
         description="API keys: `mode: api_key` makes every request need one (`none`, the default, checks "

@@ -156,8 +156,16 @@ def _retry_policy(model: ModelState) -> rc.RetryPolicy:
     if retry.timeout_retries:
         # A replica that accepted the request and went silent is given up for another one (before any
         # byte reached the client). How many times is bounded by the route's idle timeout, see below.
-        policy.per_try_idle_timeout.CopyFrom(seconds(model.config.limits.idle_timeout_s))
+        policy.per_try_idle_timeout.CopyFrom(seconds(_silence_s(model)))
     return policy
+
+
+def _silence_s(model: ModelState) -> float:
+    """The longest silence of one try. A launched model's request may wait in the activator while the
+    model loads (its activation timeout) before any byte comes back: that silence is allowed too."""
+    idle = model.config.limits.idle_timeout_s
+    launch = model.config.launch
+    return max(idle, launch.activation_timeout_s + 5) if launch is not None else idle
 
 
 def route_idle_timeout_s(model: ModelState) -> float:
@@ -168,7 +176,7 @@ def route_idle_timeout_s(model: ModelState) -> float:
     last try gets that minus the few ms of back-off before it). A slow but live fleet thus sees at most
     `timeout_retries` extra requests per request, while a killed replica's requests keep all `attempts`.
     """
-    return model.config.limits.idle_timeout_s * (model.config.retry.timeout_retries + 1)
+    return _silence_s(model) * (model.config.retry.timeout_retries + 1)
 
 
 @cache  # the same on every model route: built once, copied into each route

@@ -1,0 +1,149 @@
+"""The lifecycle parts wired together in the control plane's process: the model directories' scan (a
+registry layer), the manager, the activator's HTTP server, and the admin routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+from fastapi.params import Depends
+from prometheus_client import CollectorRegistry
+
+from control_plane.admin.lifecycle import register_lifecycle_routes
+from control_plane.config.schema import ModelConfig, Registry
+from control_plane.devstack.procs import free_port
+from control_plane.lifecycle.activator import create_activator_app, upstream_client
+from control_plane.lifecycle.discovery import scan
+from control_plane.lifecycle.launchers import SimulatorLauncher, launcher_for
+from control_plane.lifecycle.manager import Engine, LifecycleManager
+from control_plane.lifecycle.metrics import LifecycleMetrics
+from control_plane.lifecycle.process import EngineProcess
+from control_plane.lifecycle.registry_layer import DiscoveredModels
+from control_plane.lifecycle.types import LaunchSpec
+from control_plane.service import ControlPlane
+from control_plane.xds.lrs import LoadReportStore
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the control plane stops every server together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _engines(log_dir: Path) -> Any:
+    def start(spec: LaunchSpec, model: ModelConfig) -> Engine:
+        launch = model.launch
+        assert launch is not None
+        if launch.launcher == "simulator":
+            launcher: Any = SimulatorLauncher(
+                load_time_s=launch.load_time_s, profile="fast", extra_args=launch.extra_args
+            )
+        else:
+            launcher = launcher_for(launch.launcher, extra_args=launch.extra_args)
+        return EngineProcess(spec, launcher, log_dir)
+
+    return start
+
+
+@dataclass
+class LifecycleWiring:
+    discovered: DiscoveredModels
+    manager: LifecycleManager
+    upstream: httpx.AsyncClient
+    activator_socket: socket.socket
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _server: _Server | None = None
+
+    @classmethod
+    def create(
+        cls,
+        registry: Registry,
+        config_path: Path,
+        log_dir: Path,
+        loads: LoadReportStore,
+        metrics_registry: CollectorRegistry,
+        activator_host: str = "127.0.0.1",
+    ) -> LifecycleWiring:
+        """Scans the model directories once, so the plane's first registry has their models."""
+        discovered = DiscoveredModels(config_path.parent, scan)
+        discovered.rescan(registry)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((activator_host, 0))
+        sock.listen(128)
+        sock.setblocking(False)
+        manager = LifecycleManager(
+            publish=lambda model_id, replicas: None,  # set in start(): the plane does not exist yet
+            engines=_engines(log_dir),
+            metrics=LifecycleMetrics.create(metrics_registry),
+            in_flight=loads.in_flight,
+            issued=loads.issued_total,
+            free_port=free_port,
+            report_interval_s=loads.interval_s,
+        )
+        return cls(discovered=discovered, manager=manager, upstream=upstream_client(), activator_socket=sock)
+
+    @property
+    def activator_address(self) -> tuple[str, int]:
+        host, port = self.activator_socket.getsockname()[:2]
+        return str(host), int(port)
+
+    def status_of(self, model_id: str) -> dict[str, Any] | None:
+        return self.manager.status(model_id) if self.manager.knows(model_id) else None
+
+    async def start(self, plane: ControlPlane) -> None:
+        self.manager.set_publisher(plane.set_launched)
+        plane.set_activator(self.activator_address)
+        plane.add_registry_listener(self.manager.follow)
+        await self.manager.follow(plane.registry)
+        app = create_activator_app(self.manager, self.upstream)
+        self._server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self._tasks = [
+            asyncio.create_task(self._server.serve(sockets=[self.activator_socket])),
+            asyncio.create_task(self.manager.run()),
+            asyncio.create_task(self._scan_loop(plane)),
+        ]
+        self._plane = plane
+
+    async def rescan(self) -> bool:
+        """Scan the model directories again; apply the registry again if what they hold changed."""
+        plane = self._plane
+        changed = await asyncio.to_thread(self.discovered.rescan, plane.registry)
+        if changed:
+            await plane.reapply()
+        return changed
+
+    async def _scan_loop(self, plane: ControlPlane) -> None:
+        while True:
+            await asyncio.sleep(plane.registry.lifecycle.scan_interval_s)
+            try:
+                await self.rescan()
+            except Exception:  # a refused layer (e.g. a name clash) keeps the running config
+                log.exception("rescanning the model directories failed")
+
+    def register_routes(self, app: FastAPI, dependencies: Sequence[Depends]) -> None:
+        register_lifecycle_routes(app, self.manager, self.discovered, self.rescan, dependencies=dependencies)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        for task in self._tasks[1:]:
+            task.cancel()
+        await self.manager.close()
+        if self._tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tasks[0], 5)
+        await self.upstream.aclose()
