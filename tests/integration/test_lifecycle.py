@@ -161,3 +161,31 @@ def test_a_new_folder_is_found_without_a_restart(make_stack: StackFactory, tmp_p
     with admin_client(stack) as admin:
         assert admin.post("/admin/lifecycle/scan").json()["changed"] is True
     eventually(lambda: _chat(url, "tinyllama-chat").status_code == 200, 30, "the new model answering")
+
+
+def test_activation_timeout_idle_unload_and_pinning(make_stack: StackFactory, tmp_path: Path) -> None:
+    slow = model(
+        "slow", "vllm", [], launch={"launcher": "simulator", "load_time_s": 8, "activation_timeout_s": 1}
+    )
+    idle = model("idle", "vllm", [], launch={"launcher": "simulator", "load_time_s": 0.5, "idle_unload_s": 2})
+    for doc in (slow, idle):
+        doc.pop("endpoints")
+    stack = make_stack(_doc(_models_dir(tmp_path), None, slow, idle))
+    url = stack.envoys[0].url
+    # Held past its activation timeout: 503 with retry-after; the load goes on and a later request is served.
+    response = _chat(url, "slow")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "model_loading_timeout" and response.headers["retry-after"]
+    eventually(lambda: _state(stack, "slow") == "ready", 30, "the slow model loaded")
+    assert _chat(url, "slow").status_code == 200
+    # Unused for its idle time: unloaded; pinned: kept.
+    assert _chat(url, "idle").status_code == 200
+    eventually(lambda: _state(stack, "idle") == "cold", 20, "the idle model unloaded")
+    with admin_client(stack) as admin:
+        assert admin.post("/admin/models/idle/pin").json()["pinned"] is True
+        assert admin.post("/admin/models/idle/load").json()["state"] == "ready"
+    time.sleep(4)
+    assert _state(stack, "idle") == "ready"
+    with admin_client(stack) as admin:
+        assert admin.post("/admin/models/idle/unload").json()["state"] == "cold"
+        assert admin.post("/admin/models/nope/load").status_code == 404
