@@ -12,8 +12,9 @@ Sections, in this order (each starts and stops its own processes, on loopback po
 - ``profile``      Envoy's per-request cost of each part of the gateway's config; cProfile of the build
                    (``BENCH_PROFILE_ONLY=bare,gateway,...`` in the environment: only those Envoy rows)
 - ``balancing``    ``loadtest.bench_balancing`` with short arguments (full run only)
+- ``activation``   a launched model: cold-request overhead beyond the engine's own load; warm path (wrk)
 
-The full run takes about 6 minutes on 2 cores, ``--quick`` under 2. Prints markdown and writes every
+The full run takes about 7 minutes on 2 cores, ``--quick`` about 2. Prints markdown and writes every
 figure as JSON to ``loadtest/results/bench-<UTC time>.json`` (git-ignored). A benchmark, not a test:
 nothing here asserts on timings; a section that fails is reported and the others still run.
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import (
+    bench_activation,
     bench_balancing,
     bench_convergence,
     bench_failover,
@@ -47,7 +49,16 @@ from loadtest import (
 )
 from loadtest._common import SectionResult, host_cpu_times, machine_info, write_results, wrk_binary
 
-SECTIONS = ("overhead", "streaming", "failover", "convergence", "scale", "profile", "balancing")
+SECTIONS = (
+    "overhead",
+    "streaming",
+    "failover",
+    "convergence",
+    "scale",
+    "profile",
+    "balancing",
+    "activation",
+)
 QUICK_SKIPS = ("balancing",)
 
 
@@ -135,6 +146,16 @@ def _balancing(quick: bool) -> SectionResult:
     )
 
 
+def _activation(quick: bool) -> SectionResult:
+    if quick:
+        return bench_activation.run(
+            bench_activation.ActivationSettings(
+                runs=3, bursts=1, warm_repeats=3, warm_duration_s=1.5, warmup_s=0.5
+            )
+        )
+    return bench_activation.run(bench_activation.ActivationSettings())
+
+
 RUNNERS: dict[str, Callable[[bool], SectionResult]] = {
     "overhead": _overhead,
     "streaming": _streaming,
@@ -143,6 +164,7 @@ RUNNERS: dict[str, Callable[[bool], SectionResult]] = {
     "scale": _scale,
     "profile": _profile,
     "balancing": _balancing,
+    "activation": _activation,
 }
 
 
@@ -154,9 +176,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m loadtest.bench",
         description="The gateway's benchmark suite: overhead, streaming, failover, convergence, "
-        "control-plane scale, profile and balancing, in one run.",
+        "control-plane scale, profile, balancing and model activation, in one run.",
     )
-    p.add_argument("--quick", action="store_true", help="short runs, no balancing section (under 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="short runs, no balancing section (about 2 minutes)")
     p.add_argument("--only", default="", help=f"comma-separated sections among {', '.join(SECTIONS)}")
     p.add_argument("--skip", default="", help="comma-separated sections to leave out")
     p.add_argument("--out", type=Path, help="also write the markdown report to this file")

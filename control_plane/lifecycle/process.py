@@ -127,9 +127,11 @@ class EngineProcess:
             os.close(fd)  # the child holds its own copy
         self._watcher = asyncio.create_task(self._watch(), name=f"engine-exit-{self.log_path.stem}")
 
-    async def wait_ready(self, timeout_s: float, interval_s: float = 0.1) -> None:
+    async def wait_ready(self, timeout_s: float, interval_s: float = 0.02) -> None:
         """Poll /health until 200. `LaunchFailed` (with the log's tail) if the process exits first or
-        `timeout_s` passes; the process is left running then: the caller decides to stop it."""
+        `timeout_s` passes; the process is left running then: the caller decides to stop it. Every 20 ms:
+        a held request waits for this poll on top of the engine's own load (docs/benchmarks.md, model
+        activation: 100 ms polls cost about 50 ms at the median), and /health is cheap for an engine."""
         if self._proc is None:
             raise RuntimeError("wait_ready() before start()")
         url = self.url + self.health_path
