@@ -120,15 +120,21 @@ async def serve(settings: ServeSettings) -> None:
     )
     health = HealthWiring(plane, metrics)
     plane.add_registry_listener(health.follow)
+    plane.add_launched_listener(health.launched_changed)  # launched replicas are probed too
     if settings.file_sd_dir is not None:
-        # Prometheus discovers model servers from these files, admin-added ones included.
+        # Prometheus discovers model servers from these files, admin-added ones and launched replicas
+        # included.
         file_sd = FileSdWriter(settings.file_sd_dir)
-        file_sd.write(plane.registry)
+        file_sd.write(plane.registry, plane.inputs.launched)
 
         async def write_targets(registry: Registry) -> None:
-            file_sd.write(registry)
+            file_sd.write(registry, plane.inputs.launched)
+
+        def write_launched_targets() -> None:
+            file_sd.write(plane.registry, plane.inputs.launched)
 
         plane.add_registry_listener(write_targets)
+        plane.add_launched_listener(write_launched_targets)
     telemetry = TelemetryWiring.create(plane)
 
     grpc_server, xds_port = create_grpc_server(
@@ -206,7 +212,7 @@ async def serve(settings: ServeSettings) -> None:
         log.info("control plane stopping")
         watch_task.cancel()
         await sampler.stop()
-        await health.prober.close()
+        await health.close()
         if telemetry is not None:
             await telemetry.stop()
         admin.should_exit = True

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -13,6 +15,7 @@ from control_plane.balancing.registry import endpoint_groups, static_weights
 from control_plane.config.schema import Registry
 from control_plane.health.prober import HealthProber
 from control_plane.health.probes import ProbeResult, ProbeTarget
+from control_plane.lifecycle.targets import Launched, launched_endpoints
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.service import ControlPlane
 from control_plane.state import Health
@@ -23,21 +26,35 @@ from control_plane.telemetry.signals import EndpointSignals
 log = logging.getLogger(__name__)
 
 
-def probe_targets(registry: Registry) -> list[ProbeTarget]:
-    return [
+def probe_targets(registry: Registry, launched: Launched | None = None) -> list[ProbeTarget]:
+    """The registry's endpoints, then the ready replicas of launched models (`launched`: the plane's
+    `inputs.launched`), with their model's health check: a replica is probed like any endpoint."""
+    targets = [
         ProbeTarget(model.endpoint_id(i), endpoint.url.rstrip("/"), model, registry.health_check(model))
         for model in registry.models
         for i, endpoint in enumerate(model.endpoints)
     ]
+    targets += [
+        ProbeTarget(e.id, e.url, e.model, registry.health_check(e.model))
+        for e in launched_endpoints(registry, launched or {})
+    ]
+    return targets
 
 
 class HealthWiring:
-    """Probe results → control-plane health inputs and metrics."""
+    """Probe results → control-plane health inputs and metrics.
+
+    Follows the registry (a registry listener) and the launched replicas (`launched_changed`, a launched
+    listener of the plane), one update of the targets at a time."""
 
     def __init__(self, plane: ControlPlane, metrics: ControlPlaneMetrics) -> None:
         self._plane = plane
         self._metrics = metrics
         self.prober = HealthProber(on_change=self._on_change, on_result=self._on_result)
+        self._following = asyncio.Lock()
+        self._probed: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
 
     def _on_change(self, endpoint_id: str, health: Health, reason: str) -> None:
         self._plane.set_health(endpoint_id, health)
@@ -47,7 +64,37 @@ class HealthWiring:
         self._metrics.probes.labels(target.model.id, outcome).inc()
 
     async def follow(self, registry: Registry) -> None:
-        await self.prober.update_targets(probe_targets(registry))
+        async with self._following:
+            targets = probe_targets(registry, self._plane.inputs.launched)
+            await self.prober.update_targets(targets)
+            wanted = {t.endpoint_id for t in targets}
+            # An endpoint no longer probed has no probed health: a replica started later on the same port
+            # (so with the same id) must not inherit the verdict on its predecessor.
+            for gone in self._probed - wanted:
+                self._plane.inputs.health.pop(gone, None)
+            self._probed = wanted
+
+    def launched_changed(self) -> None:
+        """A launched model's ready replicas changed (called by the plane, on its loop): probe the new
+        ones, stop probing the gone ones."""
+        if self._closed:  # shutting down: engines stopping are not probed again
+            return
+        task = asyncio.get_running_loop().create_task(self._follow_plane())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _follow_plane(self) -> None:
+        try:
+            await self.follow(self._plane.registry)
+        except Exception:  # the next change retries; the prober keeps its current targets meanwhile
+            log.exception("updating the probed launched replicas failed")
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.prober.close()
 
 
 class EndpointGauges(Collector):
@@ -119,7 +166,8 @@ class TelemetryWiring:
         self._controller = controller
         self.collector = TelemetryCollector(
             scraper,
-            lambda: targets_from_registry(plane.registry),
+            # Read every round: launched replicas come and go between rounds.
+            lambda: targets_from_registry(plane.registry, launched=plane.inputs.launched),
             interval_s=plane.registry.telemetry.interval_s,
             on_update=self.on_update,
         )

@@ -53,6 +53,8 @@ RegistryLayer = Callable[[Registry], Registry]
 
 RegistryListener = Callable[[Registry], Awaitable[None]]
 
+LaunchedListener = Callable[[], None]
+
 
 class ControlPlane:
     """Owns the last good registry and keeps every known Envoy's snapshot in step with it."""
@@ -85,6 +87,7 @@ class ControlPlane:
         self._nodes: dict[str, NodeParams] = {}
         self._streams: dict[str, int] = {}
         self._listeners: list[RegistryListener] = []
+        self._launched_listeners: list[LaunchedListener] = []
         self._drain_started: dict[str, float] = {}
         self._assignments: dict[str, tuple[tuple[EndpointState, ...], ClusterLoadAssignment]] = {}
         self._allow_empty = allow_empty
@@ -134,6 +137,11 @@ class ControlPlane:
     def add_registry_listener(self, listener: RegistryListener) -> None:
         """Called with the effective registry after every change (health probes, telemetry follow it)."""
         self._listeners.append(listener)
+
+    def add_launched_listener(self, listener: LaunchedListener) -> None:
+        """Called after a launched model's ready replicas changed (`inputs.launched`), on the plane's loop:
+        health probes and Prometheus' file SD follow them."""
+        self._launched_listeners.append(listener)
 
     def connected_nodes(self) -> dict[str, int]:
         return {node: count for node, count in self._streams.items() if count}
@@ -320,6 +328,8 @@ class ControlPlane:
             launched.pop(model_id, None)
         self._inputs.launched = launched
         self._republish()
+        for listener in self._launched_listeners:
+            listener()
 
     async def set_keys(self, keys: tuple[KeyEntry, ...]) -> SyncReport | None:
         """The API-key table changed: only the key check's ECDS resource is rebuilt and pushed (no

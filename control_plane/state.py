@@ -156,7 +156,8 @@ def _launched_endpoints(model_id: str, inputs: StateInputs) -> tuple[EndpointSta
     replicas = inputs.launched.get(model_id, ())
     if replicas:
         return tuple(
-            EndpointState(id=r.id, address=r.address, port=r.port, weight=1, health=Health.UNKNOWN)
+            # Probed like any endpoint (runtime.HealthWiring): a hung replica leaves Envoy's rotation.
+            EndpointState(r.id, r.address, r.port, weight=1, health=inputs.endpoint_health(model_id, r.id))
             for r in replicas
         )
     if inputs.activator is None:

@@ -8,7 +8,9 @@ the admin API with `Authorization: Bearer`:
 
 - `GET /admin/status`: models, endpoints (health, weight, drain state, in flight), Envoys (admin app);
 - `GET /admin/timeseries`: the sampler's window of per-model QPS, errors, in flight, latency (here);
-- `GET /admin/status/alerts`: the alerts most recently received (here).
+- `GET /admin/status/alerts`: the alerts most recently received (here);
+- `GET /admin/lifecycle`: launched models' states, the memory budget and the last lifecycle events
+  (admin/lifecycle.py); a failed read shows in that box only.
 
 The page is served with a Content-Security-Policy that allows its own inline script and style (by hash)
 and requests to this origin only.

@@ -154,4 +154,19 @@ def _lifecycle(observers: Observers, model: ModelConfig) -> dict[str, Any]:
     if model.launch is None or observers.lifecycle is None:
         return {}
     status = observers.lifecycle(model.id)
-    return {"state": status["state"], "lifecycle": status} if status else {}
+    if not status:
+        return {}
+    # Each replica as the prober sees it: ready ones are probed like any endpoint, others not yet or no more.
+    replicas = [
+        {**replica, **_probed(observers, str(replica["id"]))} for replica in status.get("replicas", [])
+    ]
+    return {"state": status["state"], "lifecycle": {**status, "replicas": replicas}}
+
+
+def _probed(observers: Observers, endpoint_id: str) -> dict[str, Any]:
+    probed = observers.prober.status(endpoint_id) if observers.prober else None
+    return {
+        "health": probed.health.value if probed else Health.UNKNOWN.value,
+        "health_reason": probed.reason if probed else "not probed",
+        "last_probe_at": probed.last_probe_at if probed else None,
+    }

@@ -8,7 +8,9 @@ the same id gives them aliases, limits and launch settings.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Frozen(BaseModel):
@@ -24,6 +26,47 @@ class ModelDirectory(_Frozen):
         description="How models found here are served: simulator, vllm, tgi, tei or llamacpp (GGUF files "
         "always use llamacpp unless this is simulator).",
     )
+
+
+class AutoscaleSettings(_Frozen):
+    """When a launched model gets another replica, and when it gives one back (docs/lifecycle.md,
+    "Replicas and autoscaling"). A target left unset is not used; at least one must be set."""
+
+    target_queue_depth: float | None = Field(
+        default=4,
+        gt=0,
+        le=100_000,
+        description="Requests waiting in the engines' queues, per ready replica (vLLM's "
+        "num_requests_waiting and its equivalents).",
+    )
+    target_ttft_s: float | None = Field(
+        default=None, gt=0, le=3600, description="Mean time to first token the replicas report."
+    )
+    target_in_flight: float | None = Field(
+        default=None,
+        gt=0,
+        le=100_000,
+        description="Requests in flight per ready replica, as Envoy's load reports and the activator count.",
+    )
+    scale_up_after_s: float = Field(
+        default=15,
+        ge=0,
+        le=86_400,
+        description="How long a signal stays above target before a replica is added.",
+    )
+    scale_down_cooldown_s: float = Field(
+        default=120,
+        ge=0,
+        le=86_400,
+        description="How long the load stays low enough for one replica fewer (and since the last change) "
+        "before a replica is drained and stopped.",
+    )
+
+    @model_validator(mode="after")
+    def _some_target(self) -> Self:
+        if self.target_queue_depth is None and self.target_ttft_s is None and self.target_in_flight is None:
+            raise ValueError("set at least one of target_queue_depth, target_ttft_s, target_in_flight")
+        return self
 
 
 class LaunchSettings(_Frozen):
@@ -53,6 +96,27 @@ class LaunchSettings(_Frozen):
     )
     extra_args: tuple[str, ...] = Field(default=(), description="Appended to the engine's command line.")
     gpus: tuple[int, ...] = Field(default=(), description="Accelerator indexes its replicas may use.")
+    min_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Replicas loaded at start and kept: never evicted, idle-unloaded or scaled below it "
+        "(0: loaded on the first request, unloaded when idle).",
+    )
+    max_replicas: int = Field(
+        default=1, ge=1, le=64, description="The most replicas autoscaling starts; each holds memory_mb."
+    )
+    autoscale: AutoscaleSettings = Field(
+        default_factory=AutoscaleSettings, description="Targets for adding and removing replicas."
+    )
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
 
 
 class LifecycleSettings(_Frozen):

@@ -17,6 +17,8 @@ class LifecycleMetrics:
     evictions: Counter
     held: Gauge
     activation_wait: Histogram
+    desired_replicas: Gauge
+    replicas: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> LifecycleMetrics:
@@ -51,6 +53,21 @@ class LifecycleMetrics:
                 "llm_gateway_activation_wait_seconds",
                 "How long requests for a launched model waited in the activator for a ready replica.",
                 buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+                registry=registry,
+            ),
+            # For Kubernetes HPA / KEDA where engines are not launched by the control plane: the replica
+            # count the autoscaling policy asks for, beside what runs.
+            desired_replicas=Gauge(
+                "llm_gateway_model_desired_replicas",
+                "Replicas a launched model should have: its autoscaling policy's answer, within "
+                "min_replicas..max_replicas (0: not loaded and no minimum).",
+                ["model"],
+                registry=registry,
+            ),
+            replicas=Gauge(
+                "llm_gateway_model_replicas",
+                "A launched model's replicas by state (loading, ready, draining, unloading).",
+                ["model", "state"],
                 registry=registry,
             ),
         )

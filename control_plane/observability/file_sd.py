@@ -1,9 +1,13 @@
 """Prometheus file-based service discovery of the model servers, from the registry.
 
 `backend_targets` and `gpu_targets` are pure: registry in, file-SD groups out (one group per endpoint,
-in registry order, so the output is stable). `FileSdWriter` writes them where Prometheus' `file_sd_configs`
-read them, atomically (temporary file + rename: Prometheus never reads half a file) and only when their
-content changed (no needless target reloads).
+in registry order, so the output is stable). A launched model's ready replicas (control_plane/lifecycle)
+are backend targets too, after the registry's endpoints, labelled like them; they come and go as models
+load and unload, and the control plane rewrites the files each time.
+
+`FileSdWriter` writes them where Prometheus' `file_sd_configs` read them, atomically (temporary file +
+rename: Prometheus never reads half a file) and only when their content changed (no needless target
+reloads).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from control_plane.config.schema import Registry
+from control_plane.lifecycle.targets import Launched, launched_endpoints
 
 BACKENDS_FILE = "backends.json"
 """Engine /metrics of every endpoint (job `backends`)."""
@@ -32,8 +37,9 @@ def _labels(model_id: str, endpoint_id: str, engine: str) -> dict[str, str]:
     return {"model": model_id, "endpoint": endpoint_id, "engine": engine}
 
 
-def backend_targets(registry: Registry) -> list[TargetGroup]:
-    """One group per endpoint: its `host:port` (scraped at `/metrics`) with labels model, endpoint, engine.
+def backend_targets(registry: Registry, launched: Launched | None = None) -> list[TargetGroup]:
+    """One group per endpoint: its `host:port` (scraped at `/metrics`) with labels model, endpoint, engine;
+    then one per ready replica of a launched model (`launched`: the control plane's `inputs.launched`).
 
     Disabled models are included: their servers still run and their metrics still matter."""
     groups: list[TargetGroup] = []
@@ -45,6 +51,13 @@ def backend_targets(registry: Registry) -> list[TargetGroup]:
                     "labels": _labels(model.id, model.endpoint_id(index), model.engine.value),
                 }
             )
+    for replica in launched_endpoints(registry, launched or {}):
+        groups.append(
+            {
+                "targets": [_address(replica.replica.address, replica.replica.port)],
+                "labels": _labels(replica.model.id, replica.id, replica.model.engine.value),
+            }
+        )
     return groups
 
 
@@ -92,13 +105,13 @@ class FileSdWriter:
     def gpu_path(self) -> Path:
         return self.directory / GPU_FILE
 
-    def write(self, registry: Registry) -> bool:
+    def write(self, registry: Registry, launched: Launched | None = None) -> bool:
         """Write both files if their content changed; True if at least one was rewritten.
 
         Both files always exist after a call (an empty list when there is nothing to scrape), so
         Prometheus never logs a missing file."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        changed = _write_if_changed(self.backends_path, render_groups(backend_targets(registry)))
+        changed = _write_if_changed(self.backends_path, render_groups(backend_targets(registry, launched)))
         changed = _write_if_changed(self.gpu_path, render_groups(gpu_targets(registry))) or changed
         return changed
 

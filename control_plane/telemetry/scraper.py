@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from control_plane.background import BackgroundTask
+from control_plane.lifecycle.targets import Launched, launched_endpoints
 from control_plane.telemetry.errors import ScrapeError, TelemetryError
 from control_plane.telemetry.metric_map import MetricMap, default_metric_map
 from control_plane.telemetry.parse import gpu_signals_from_text, signals_from_text
@@ -59,9 +60,12 @@ def metrics_url(base_url: str) -> str:
     return base_url.rstrip("/") + "/metrics"
 
 
-def targets_from_registry(registry: Registry, *, include_disabled: bool = True) -> list[ScrapeTarget]:
+def targets_from_registry(
+    registry: Registry, *, include_disabled: bool = True, launched: Launched | None = None
+) -> list[ScrapeTarget]:
     """One target per endpoint of the registry: ``<url>/metrics``, the model's engine and, when the
-    endpoint config has one, its ``gpu_metrics_url``."""
+    endpoint config has one, its ``gpu_metrics_url``; then one per ready replica of a launched model
+    (``launched``: the control plane's ``inputs.launched``), scraped like any endpoint of its engine."""
     targets = []
     for model in registry.models:
         if not model.enabled and not include_disabled:
@@ -76,6 +80,9 @@ def targets_from_registry(registry: Registry, *, include_disabled: bool = True) 
                     gpu_metrics_url=str(gpu_url) if gpu_url else None,
                 )
             )
+    for replica in launched_endpoints(registry, launched or {}):
+        if replica.model.enabled or include_disabled:
+            targets.append(ScrapeTarget(replica.id, metrics_url(replica.url), str(replica.model.engine)))
     return targets
 
 

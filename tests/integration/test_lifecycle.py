@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -189,3 +190,79 @@ def test_activation_timeout_idle_unload_and_pinning(make_stack: StackFactory, tm
     with admin_client(stack) as admin:
         assert admin.post("/admin/models/idle/unload").json()["state"] == "cold"
         assert admin.post("/admin/models/nope/load").status_code == 404
+
+
+def _replicas(stack: Any, model_id: str) -> list[dict[str, Any]]:
+    with admin_client(stack) as admin:
+        return list(admin.get(f"/admin/models/{model_id}").json()["lifecycle"]["replicas"])
+
+
+def test_replicas_scale_up_under_queueing_and_back_down_after_the_cooldown(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    # Two requests at a time per replica, 8 tokens of 40 ms each: 24 clients keep ~22 queued on one.
+    busy = model(
+        "busy",
+        "vllm",
+        [],
+        launch={
+            "launcher": "simulator",
+            "load_time_s": 0.5,
+            "max_replicas": 2,
+            "extra_args": ["--max-batch", "2", "--decode-ms-per-token", "40"],
+            "autoscale": {"target_queue_depth": 2, "scale_up_after_s": 1, "scale_down_cooldown_s": 3},
+        },
+    )
+    warm = model("warm", "vllm", [], launch={"launcher": "simulator", "load_time_s": 0.5, "min_replicas": 1})
+    for doc in (busy, warm):
+        doc.pop("endpoints")
+    (tmp_path / "none").mkdir()
+    stack = make_stack(_doc(tmp_path / "none", None, busy, warm))
+    url, metrics = stack.envoys[0].url, f"{stack.admin_url}/metrics"
+    # min_replicas: 1 is loaded at start, without a request.
+    eventually(lambda: _state(stack, "warm") == "ready", 20, "the model with a minimum loaded")
+    assert _state(stack, "busy") == "cold"
+
+    stop = threading.Event()
+    served_by: set[str] = set()
+    statuses: list[int] = []
+    body = {"model": "busy", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                response = http.post(f"{url}/v1/chat/completions", json=body)
+                statuses.append(response.status_code)
+                served_by.add(response.headers.get("x-served-by", ""))
+
+    def scaled_out() -> bool:
+        ready = [r["address"] for r in _replicas(stack, "busy") if r["state"] == "ready"]
+        return len(ready) == 2 and set(ready) <= served_by
+
+    with ThreadPoolExecutor(24) as pool:
+        clients = [pool.submit(client) for _ in range(24)]
+        try:
+            eventually(scaled_out, 30, "two ready replicas, both serving through Envoy")
+            with httpx.Client(timeout=10) as http:
+                assert (
+                    prometheus_value(http, metrics, "llm_gateway_model_desired_replicas", model="busy") == 2
+                )
+                ready = prometheus_value(
+                    http, metrics, "llm_gateway_model_replicas", model="busy", state="ready"
+                )
+                assert ready == 2
+        finally:
+            stop.set()
+        for done in clients:
+            done.result(60)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+
+    # The load stopped: after the cooldown one replica is drained and stopped, never the last one.
+    eventually(lambda: len(_replicas(stack, "busy")) == 1, 30, "back to one replica")
+    assert _state(stack, "busy") == "ready" and _state(stack, "warm") == "ready"
+    with httpx.Client(timeout=10) as http:
+        assert prometheus_value(http, metrics, "llm_gateway_model_desired_replicas", model="busy") == 1
+    with admin_client(stack) as admin:
+        events = [(e["model"], e["event"]) for e in admin.get("/admin/lifecycle").json()["events"]]
+    assert ("busy", "replica stopped") in events and ("busy", "replica ready") in events
+    assert _chat(url, "busy").status_code == 200
