@@ -3,6 +3,7 @@
 POST /admin/models/{id}/load      start it now (returns once it is ready, or 503 with why it failed)
 POST /admin/models/{id}/unload    drain, then stop its engines
 POST /admin/models/{id}/pin       never unloaded to make room (…/unpin undoes it)
+POST /admin/models/{id}/replicas  {"count": n}: run n replicas (1..max_replicas); null: the policy decides
 GET  /admin/lifecycle             every launched model's state, the budget, what the scan found, events
 POST /admin/lifecycle/scan        rescan the model directories now
 """
@@ -14,9 +15,18 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.params import Depends
+from pydantic import BaseModel, ConfigDict, Field
 
 from control_plane.lifecycle.manager import LifecycleError, LifecycleManager
 from control_plane.lifecycle.registry_layer import DiscoveredModels
+
+
+class ReplicaCount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    count: int | None = Field(
+        description="Replicas to run (1..max_replicas), kept until null returns the model to its policy."
+    )
 
 
 def _discovered(found: DiscoveredModels) -> list[dict[str, Any]]:
@@ -74,6 +84,14 @@ def register_lifecycle_routes(
     @router.post("/admin/models/{model_id}/unpin")
     def unpin(model_id: str) -> dict[str, Any]:
         manager.pin(launched(model_id), False)
+        return {"id": model_id, **manager.status(model_id)}
+
+    @router.post("/admin/models/{model_id}/replicas")
+    def replicas(model_id: str, body: ReplicaCount) -> dict[str, Any]:
+        try:
+            manager.set_replicas(launched(model_id), body.count)
+        except ValueError as exc:
+            raise HTTPException(422, f"count: {exc}") from None
         return {"id": model_id, **manager.status(model_id)}
 
     @router.get("/admin/lifecycle")

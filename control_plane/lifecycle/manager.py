@@ -324,6 +324,15 @@ class LifecycleManager:
         runtime.pinned_by_admin = pinned
         self._event(model_id, "pinned" if pinned else "unpinned", "admin")
 
+    def set_replicas(self, model_id: str, count: int | None) -> None:
+        """The admin API's replica count (1..max_replicas), kept until set back to None (the policy
+        decides again); the next tick starts or drains replicas toward it. ValueError out of bounds."""
+        runtime = self._runtimes[model_id]
+        if count is not None and not 1 <= count <= max(runtime.launch.max_replicas, 1):
+            raise ValueError(f"count must be between 1 and max_replicas ({runtime.launch.max_replicas})")
+        runtime.fixed = count
+        self._event(model_id, "replicas set", "by the policy" if count is None else str(count))
+
     def status(self, model_id: str) -> dict[str, Any]:
         runtime = self._runtimes[model_id]
         return {
@@ -337,6 +346,7 @@ class LifecycleManager:
             "min_replicas": runtime.launch.min_replicas,
             "max_replicas": runtime.launch.max_replicas,
             "desired_replicas": runtime.desired,
+            "fixed_replicas": runtime.fixed,  # set through the admin API; None: the policy decides
             "held_requests": runtime.held,
             "loaded_in_s": runtime.loaded_in_s,
             "launcher": runtime.launch.launcher,

@@ -64,6 +64,7 @@ class ModelRuntime:
     scaling: bool = False  # a replica is being added or removed (one change at a time)
     blocked: str | None = None  # why the last scale-up found no room (reported once)
     turn: int = 0  # round robin among equally loaded replicas for the activator
+    fixed: int | None = None  # replicas set through the admin API: the policy is not asked meanwhile
 
     @property
     def launch(self) -> LaunchSettings:

@@ -85,7 +85,11 @@ class Scaler:
     async def step(self, runtime: ModelRuntime) -> None:
         """The tick's pass over one model (not being idle-unloaded): its desired count, then one change
         toward it."""
-        if runtime.state is LifecycleState.READY:
+        if runtime.fixed is not None:  # the admin API's count, loading the model if it is cold
+            runtime.desired = runtime.fixed
+            if runtime.state in (LifecycleState.COLD, LifecycleState.FAILED):
+                self._load(runtime)
+        elif runtime.state is LifecycleState.READY:
             await self._autoscale(runtime)
         else:
             loading = runtime.state is LifecycleState.LOADING

@@ -266,3 +266,28 @@ def test_replicas_scale_up_under_queueing_and_back_down_after_the_cooldown(
         events = [(e["model"], e["event"]) for e in admin.get("/admin/lifecycle").json()["events"]]
     assert ("busy", "replica stopped") in events and ("busy", "replica ready") in events
     assert _chat(url, "busy").status_code == 200
+
+
+def test_the_admin_sets_a_models_replicas(make_stack: StackFactory, tmp_path: Path) -> None:
+    scaled = model(
+        "scaled", "vllm", [], launch={"launcher": "simulator", "load_time_s": 0.5, "max_replicas": 2}
+    )
+    scaled.pop("endpoints")
+    stack = make_stack(_doc(_models_dir(tmp_path), None, scaled))
+    with admin_client(stack) as admin:
+        assert admin.post("/admin/models/scaled/replicas", json={"count": 3}).status_code == 422
+        assert admin.post("/admin/models/scaled/replicas", json={"count": "two"}).status_code == 422
+        assert admin.post("/admin/models/nope/replicas", json={"count": 1}).status_code == 404
+        # A cold model told to run two replicas loads them, without a request.
+        answer = admin.post("/admin/models/scaled/replicas", json={"count": 2})
+        assert answer.status_code == 200 and answer.json()["fixed_replicas"] == 2
+
+        def ready() -> int:
+            replicas = admin.get("/admin/lifecycle").json()["models"]["scaled"]["replicas"]
+            return sum(1 for r in replicas if r.get("state", "ready") == "ready")
+
+        eventually(lambda: ready() == 2, 30, "two ready replicas")
+        served = {_chat(stack.envoys[0].url, "scaled").headers["x-served-by"] for _ in range(12)}
+        assert len(served) == 2  # Envoy balances over both
+        assert admin.post("/admin/models/scaled/replicas", json={"count": 1}).status_code == 200
+        eventually(lambda: ready() == 1, 30, "back to one replica")
