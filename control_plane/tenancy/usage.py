@@ -30,7 +30,7 @@ from control_plane.metrics import ControlPlaneMetrics
 from control_plane.tenancy.keys import ApiKey
 from control_plane.tenancy.publish import KeyPublisher
 from control_plane.tenancy.usage_entry import KeyedRequest, keyed_request
-from control_plane.tenancy.usage_limits import Clock, DenialWorker, TokenLimits, month_start
+from control_plane.tenancy.usage_limits import Clock, DenialWorker, TokenLimits, month_start, seed_since
 from control_plane.tenancy.usage_store import Counts, Grouping, UsageRow, UsageStore, group_of
 from control_plane.xds.log_entries import NO_MODEL, UNKNOWN_MODEL
 
@@ -74,8 +74,12 @@ class UsageAccounting:
         self._labelled: set[str] = set()
         self._limited: frozenset[str] = frozenset()  # ids of the keys with a tpm_limit or a budget
         self._pending: dict[tuple[str, str, int], Counts] = {}
-        # Budgets count from the store's tokens of this month (a restart keeps them), then from entries.
-        self.limits = TokenLimits(store.daily_tokens(month_start(clock())), clock=clock)
+        # Budgets count from the store's tokens of this month, the tokens per minute from its last two
+        # minute rows (a restart keeps both; refused again by `keys_changed` at start), then from entries.
+        now = clock()
+        self.limits = TokenLimits(
+            store.daily_tokens(month_start(now)), clock=clock, recent=store.key_tokens(seed_since(now))
+        )
         self.denials = DenialWorker(self.limits, publisher, clock=clock)
         self._flusher: asyncio.Task[None] | None = None
         self._last_prune = 0.0
@@ -91,7 +95,8 @@ class UsageAccounting:
 
     async def keys_changed(self, table: tuple[ApiKey, ...]) -> None:
         """A KeyService listener (after the publisher's): a limit raised, lowered, set or removed, a key
-        revoked, or the keys loaded at start (budgets used up before a restart are refused again)."""
+        revoked, or the keys loaded at start (budgets and tokens per minute used up before a restart are
+        refused again)."""
         self._limited = frozenset(k.id for k in table if _limited(k))
         self.denials.check({*self.limits.known(), *self._limited})
 

@@ -3,8 +3,9 @@
 
 `TokenLimits` keeps, per key, a sliding 60 s window of tokens (prompt + completion, in whole-second
 buckets, timed when the access-log entry arrives: a stream's tokens are known at its end) and the tokens
-of each UTC day of the current month (from the store at start, then counted). It says what a key's state
-should be (`wanted`):
+of each UTC day of the current month (from the store at start, then counted). At start the window is
+seeded from the store too (`seed_since`: the last two minute rows, counted as used at the start), so a
+restart gives no key a fresh minute. It says what a key's state should be (`wanted`):
 - budget: the period's tokens >= `budget_tokens` → `insufficient_quota` until the period ends;
 - tokens per minute: the window's tokens >= `tpm_limit` → `rate_limit_exceeded` until enough of the window
   has expired to be under the limit again (the budget wins when both hold).
@@ -62,6 +63,12 @@ def month_start(at: float) -> int:
     return calendar.timegm((moment.year, moment.month, 1, 0, 0, 0))
 
 
+def seed_since(at: float) -> int:
+    """The first minute row whose tokens seed the window at `at`: the previous minute's (the rows are
+    by start minute, and the 60 s before `at` overlap this minute and the one before)."""
+    return int(at) - int(at) % 60 - 60
+
+
 def period_end(period: str, at: float) -> int:
     if period == "day":
         return day_start(at) + 86400
@@ -73,10 +80,30 @@ def period_end(period: str, at: float) -> int:
 class TokenLimits:
     """Per key: the last minute's tokens and this month's tokens per day. Event-loop only."""
 
-    def __init__(self, daily: Mapping[tuple[str, int], int] | None = None, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        daily: Mapping[tuple[str, int], int] | None = None,
+        clock: Clock = time.time,
+        recent: Mapping[str, int] | None = None,
+    ) -> None:
+        """`daily`: tokens per (key id, day start) of this month; `recent`: tokens per key id of the minute
+        rows from `seed_since(clock())` on (a restart's store)."""
         self._clock = clock
         self._window: dict[str, deque[list[int]]] = {}  # key id → [second, tokens] buckets, oldest first
         self._window_sum: dict[str, int] = {}
+        # The store keeps tokens by the minute a request started, not when its entry arrived (which is
+        # what the window counts); an entry of either minute may have arrived as late as just before the
+        # restart (a stream ends when it ends). So the two rows' tokens count as used at the start
+        # second: never fewer than the last 60 s held, at the cost of a refusal lasting up to about a
+        # minute longer than it would have without the restart. Spreading them over their minutes would
+        # expire tokens that may have arrived last, letting a key that used its limit just before the
+        # restart through again. (A stream that started before the previous minute and ended in the
+        # last 60 s is missed: older rows are not read, as they hold mostly tokens long expired.)
+        second = int(clock())
+        for key_id, tokens in (recent or {}).items():
+            if tokens > 0:
+                self._window[key_id] = deque([[second, tokens]])
+                self._window_sum[key_id] = tokens
         self._month = month_start(clock())
         self._days: dict[str, dict[int, int]] = {}  # key id → day start → tokens (this month only)
         for (key_id, day), tokens in (daily or {}).items():

@@ -94,6 +94,10 @@ class UsageStore(Protocol):
         """Tokens (prompt + completion) per (key id, day start) from `since` on: the budgets' base."""
         ...
 
+    def key_tokens(self, since: int) -> dict[str, int]:
+        """Tokens (prompt + completion) per key id from `since` on: the tokens-per-minute window's base."""
+        ...
+
     def prune(self, before: int) -> int: ...
 
     def close(self) -> None: ...
@@ -147,6 +151,13 @@ class SqliteUsageStore:
             "FROM key_usage WHERE minute >= ? GROUP BY 1, 2"
         )
         return {(key_id, day): tokens for key_id, day, tokens in self._rows(sql, (since,))}
+
+    def key_tokens(self, since: int) -> dict[str, int]:
+        sql = (
+            "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM key_usage "
+            "WHERE minute >= ? GROUP BY 1"
+        )
+        return {key_id: tokens for key_id, tokens in self._rows(sql, (since,))}
 
     def prune(self, before: int) -> int:
         with self._lock:

@@ -1,6 +1,7 @@
 """Usage accounting from access-log entries built as Envoy streams them: per key and model in
 Prometheus (key by name, model by registry id, bounded labels), per minute in SQLite across a restart,
-window queries that include what is not flushed yet, budgets refused again after a restart."""
+window queries that include what is not flushed yet, budgets refused again after a restart and the
+tokens-per-minute window seeded from the last stored minutes."""
 
 from __future__ import annotations
 
@@ -185,4 +186,30 @@ def test_budgets_used_before_a_restart_are_refused_again(tmp_path: Path) -> None
     assert denials.keys() == {KEY_A}  # team-b's tokens were yesterday's
     assert denials[KEY_A].code == "insufficient_quota" and denials[KEY_A].until == day + 86400 + 1
     assert {e.id: e.denied for e in h.tables[-1]} == {KEY_A: "insufficient_quota", KEY_B: ""}
+    h.store.close()
+
+
+def test_the_tokens_per_minute_window_is_seeded_from_the_last_two_minute_rows(tmp_path: Path) -> None:
+    db = tmp_path / "gateway.db"
+    store = SqliteUsageStore(db)
+    minute = int(T0) - int(T0) % 60  # T0 is 30 s into its minute
+    store.add(
+        [
+            UsageRow(KEY_A, "qwen2", minute, Counts(requests=1, prompt_tokens=30, completion_tokens=10)),
+            UsageRow(KEY_A, "llama3", minute, Counts(requests=1, prompt_tokens=5)),
+            UsageRow(KEY_A, "qwen2", minute - 60, Counts(requests=1, completion_tokens=7)),  # overlaps 60 s
+            UsageRow(KEY_A, "qwen2", minute - 120, Counts(requests=1, prompt_tokens=1000)),  # too old
+            UsageRow(KEY_B, "qwen2", minute - 120, Counts(requests=1, prompt_tokens=1000)),
+        ]
+    )
+    assert store.key_tokens(minute - 60) == {KEY_A: 52}
+    store.close()
+    clock = Clock(T0)
+    h = Harness(db, clock)
+    assert h.usage.limits.window_tokens(KEY_A) == 52 and h.usage.limits.window_tokens(KEY_B) == 0
+    # All counted as used at the start: kept for a full 60 s from it, then gone.
+    clock.now = T0 + 59.9
+    assert h.usage.limits.window_tokens(KEY_A) == 52
+    clock.now = T0 + 60
+    assert h.usage.limits.window_tokens(KEY_A) == 0
     h.store.close()

@@ -1,12 +1,14 @@
 """Token limits from the usage accounting, with an injected clock: a key over its tokens per minute is
 refused until enough of the window has expired, the refusal lifts by itself (no push), a limit raised
 lifts it at once, budgets refuse until the UTC day or month ends, and pushes happen only on a change,
-one at a time, never holding up the access-log consumer."""
+one at a time, never holding up the access-log consumer; after a restart the window is seeded from the
+stored minutes, so a key that used its tokens just before it is still refused."""
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+from pathlib import Path
 
 import pytest
 
@@ -173,5 +175,62 @@ def test_a_slow_push_never_holds_up_the_entries_and_pushes_stay_bounded() -> Non
         assert set(h.publisher.denials()) == {k.id for k in keys}
         assert calls <= 2 * len(keys)  # a refusal and at most one extension per key, not one per entry
         assert sum(1 for e in h.tables[-1] if e.denied == "rate_limit_exceeded") == len(keys)
+
+    asyncio.run(scenario())
+
+
+
+async def restarted(db: Path, clock: Clock, key: ApiKey, used: float, restart: float, tokens: int) -> Harness:
+    """`tokens` used by `key` at `used`, stored at shutdown; then a new accounting over the same SQLite
+    file at `restart`, with the keys loaded as at start (TenancyWiring.start)."""
+    clock.now = used
+    before = Harness(db, clock)
+    await set_keys(before, key)
+    use(before, tokens, key.id, key.name)
+    await before.usage.denials.idle()
+    before.usage.stop()  # shutdown: the pending minute rows are stored
+    before.store.close()
+    clock.now = restart
+    after = Harness(db, clock)
+    await set_keys(after, key)
+    return after
+
+
+def test_tokens_per_minute_used_just_before_a_restart_are_still_refused_after_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        db, clock = tmp_path / "gateway.db", Clock(T0)
+        key = api_key(KEY_A, "team-a", tpm_limit=100)
+        # Used at 12:00:50, restarted 15 s later (the next minute): the previous minute's row is read and
+        # its tokens count as used at the restart, so the refusal lasts a full minute from it.
+        restart = T0 + 65
+        h = await restarted(db, clock, key, T0 + 50, restart, 120)
+        assert h.usage.limits.window_tokens(KEY_A) == 120
+        assert denied(h) == ("rate_limit_exceeded", int(restart) + 61)
+        # It ends by itself; then 60 used and a restart in the same minute: seeded, under the limit ...
+        clock.now = restart + 61
+        assert h.usage.limits.window_tokens(KEY_A) == 0
+        h.usage.stop()
+        h.store.close()
+        again = await restarted(db, clock, key, restart + 61, restart + 70, 60)
+        assert again.usage.limits.window_tokens(KEY_A) == 60 and denied(again) is None
+        # ... and the seeded tokens add to those used after it: 60 + 50 is over 100.
+        use(again, 50)
+        await again.usage.denials.idle()
+        assert denied(again) == ("rate_limit_exceeded", int(restart) + 70 + 61)
+        again.store.close()
+
+    asyncio.run(scenario())
+
+
+def test_tokens_per_minute_used_two_minutes_before_a_restart_are_not_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        clock = Clock(T0)
+        key = api_key(KEY_A, "team-a", tpm_limit=100)
+        h = await restarted(tmp_path / "gateway.db", clock, key, T0 + 50, T0 + 170, 500)
+        assert h.usage.limits.window_tokens(KEY_A) == 0
+        assert denied(h) is None and h.publisher.denials() == {}
+        # The minute row is still there for the usage API; only the window leaves it out.
+        assert h.usage.summary(KEY_A, int(T0), int(T0) + 60, "model")["qwen2"].tokens == 500
+        h.store.close()
 
     asyncio.run(scenario())
