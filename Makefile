@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= models.yaml
 
-.PHONY: install run test unit integration lint bench loadtest loadtest-seeds compose-secrets clean
+.PHONY: llamacpp-try install run test unit integration lint bench loadtest loadtest-seeds compose-secrets llamacpp clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ run: $(STAMP)
 	  $(if $(FREE_PORTS),--free-ports)
 
 ## Lint, type-check and run the whole test suite.
-test: $(STAMP) lint
+test: $(STAMP) lint llamacpp-try
 	$(BIN)/python -m pytest
 
 unit: $(STAMP)
@@ -60,6 +60,35 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check control_plane backends tests loadtest
 	$(BIN)/mypy
+
+## The llama.cpp extra (docs/lifecycle.md): the `gguf` package, and llama.cpp's `llama-server` (a real CPU
+## engine for GGUF files) built once, statically, into $(VENV)/llama.cpp/bin, where the llamacpp launcher finds
+## it. The source is the one llama-cpp-python's sdist vendors (a pinned, released llama.cpp). Needs cmake, a
+## C++17 compiler; about 10 minutes on two cores.
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_SERVER := $(VENV)/llama.cpp/bin/llama-server
+
+## The llama.cpp engine for its tests in `make test` (built once, cached in the venv); a failed build only
+## skips those tests, with the reason.
+llamacpp-try:
+	-@$(MAKE) --no-print-directory llamacpp || echo "llama.cpp's server did not build: its tests will be skipped"
+
+llamacpp: $(LLAMA_SERVER)
+	@$(BIN)/python -c 'import gguf' 2>/dev/null || $(BIN)/python -m pip install --quiet gguf
+
+$(LLAMA_SERVER): | $(STAMP)
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "building llama-server (llama-cpp-python $(LLAMA_CPP_PYTHON)'s llama.cpp) in $$tmp"; \
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: --dest "$$tmp" \
+	  'llama-cpp-python==$(LLAMA_CPP_PYTHON)'; \
+	tar -xzf "$$tmp"/llama_cpp_python-*.tar.gz -C "$$tmp"; \
+	src=$$(echo "$$tmp"/llama_cpp_python-*/vendor/llama.cpp); \
+	cmake -S "$$src" -B "$$tmp/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+	  -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_BUILD_SERVER=ON > "$$tmp/cmake.log" || { cat "$$tmp/cmake.log"; exit 1; }; \
+	cmake --build "$$tmp/build" --target llama-server -j$$(nproc); \
+	mkdir -p $(@D); cp "$$tmp/build/bin/llama-server" $@.tmp; mv $@.tmp $@; \
+	echo "built $@"
 
 ## docker-compose's secrets (xDS secret, admin token): random, 0600, created once, never committed.
 compose-secrets:

@@ -13,6 +13,7 @@ Placeholders: ``{python}`` ``{model_id}`` ``{served_name}`` ``{host}`` ``{port}`
 from __future__ import annotations
 
 import math
+import os
 import string
 import sys
 from collections.abc import Mapping, Sequence
@@ -279,13 +280,27 @@ class LlamaCppLauncher(TemplateLauncher):
         gpu_total_mb: int | None = None,
         ctx_size: int = 4096,
     ) -> None:
-        super().__init__(executable=executable, extra_args=extra_args, gpu_total_mb=gpu_total_mb)
+        super().__init__(
+            executable=executable or llama_server_binary(), extra_args=extra_args, gpu_total_mb=gpu_total_mb
+        )
         self.ctx_size = ctx_size  # llama.cpp's 0 means the model's trained context, often far too large
 
     def values(self, spec: LaunchSpec) -> dict[str, str | None]:
         values = super().values(spec)
         values["ctx_size"] = str(self.ctx_size)
         return values
+
+
+def llama_server_binary() -> str:
+    """llama.cpp's server when no executable is configured: $LLAMA_SERVER, else the one `make llamacpp`
+    builds into the virtual environment (<venv>/llama.cpp/bin/llama-server), else `llama-server` on PATH."""
+    explicit = os.environ.get("LLAMA_SERVER")
+    if explicit:
+        return explicit
+    built = Path(sys.prefix) / "llama.cpp" / "bin" / "llama-server"
+    if os.access(built, os.X_OK):
+        return str(built)
+    return LlamaCppLauncher.default_executable
 
 
 LAUNCHERS: Mapping[str, type[TemplateLauncher]] = {

@@ -18,6 +18,7 @@ from control_plane.lifecycle.launchers import (
     UnsupportedKind,
     environment_for,
     launcher_for,
+    llama_server_binary,
 )
 from control_plane.lifecycle.types import Launcher, LaunchSpec, ModelKind
 
@@ -177,7 +178,7 @@ def test_llamacpp_command() -> None:
     launcher = LlamaCppLauncher(ctx_size=2048)
     s = spec(path=gguf, host="127.0.0.1", port=21003)
     argv = launcher.command(s)
-    assert argv[0] == "llama-server"
+    assert argv[0] == llama_server_binary()  # tests/unit/.../test_llama_server_binary.py
     assert flag(argv, "-m") == str(gguf)
     assert flag(argv, "--host") == "127.0.0.1"
     assert flag(argv, "--port") == "21003"
