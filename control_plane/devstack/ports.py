@@ -60,12 +60,35 @@ def _move(url: str, ports: PortMap) -> str:
     return urlunsplit(parts._replace(netloc=f"{host}:{ports(port)}"))
 
 
-def remap_registry(doc: Any, ports: PortMap) -> Any:
-    """The registry document with every loopback endpoint URL on its moved port (other values as they
+def _anchor(value: Any, base: Path | None) -> Any:
+    """A relative path of the source file made absolute: the mirror lives elsewhere (the state dir)."""
+    if base is None or not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    return str(base / value)
+
+
+def _anchor_paths(doc: dict[str, Any], base: Path | None) -> None:
+    lifecycle = doc.get("lifecycle")
+    if isinstance(lifecycle, dict):
+        for directory in lifecycle.get("model_dirs") or []:
+            if isinstance(directory, dict) and "path" in directory:
+                directory["path"] = _anchor(directory["path"], base)
+        if "log_dir" in lifecycle:
+            lifecycle["log_dir"] = _anchor(lifecycle["log_dir"], base)
+    for model in doc.get("models") or []:
+        launch = model.get("launch") if isinstance(model, dict) else None
+        if isinstance(launch, dict) and "path" in launch:
+            launch["path"] = _anchor(launch["path"], base)
+
+
+def remap_registry(doc: Any, ports: PortMap, base: Path | None = None) -> Any:
+    """The registry document with every loopback endpoint URL on its moved port, and its relative paths
+    (model directories, weights) anchored at `base`, the source file's directory (other values as they
     are; an unexpected shape is returned unchanged for the loader to report)."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("models"), list):
+    if not isinstance(doc, dict) or not isinstance(doc.get("models", []), list):
         return doc
-    for model in doc["models"]:
+    _anchor_paths(doc, base)
+    for model in doc.get("models") or []:
         endpoints = model.get("endpoints") if isinstance(model, dict) else None
         for endpoint in endpoints if isinstance(endpoints, list) else []:
             if isinstance(endpoint, dict) and isinstance(endpoint.get("url"), str):
@@ -98,7 +121,8 @@ class RegistryMirror:
             doc = yaml.safe_load(raw.decode("utf-8"))
             if isinstance(doc, dict):
                 header = f"# Generated from {self.source} with moved simulator ports: edit that file.\n"
-                out = (header + yaml.safe_dump(remap_registry(doc, self._ports), sort_keys=False)).encode()
+                moved = remap_registry(doc, self._ports, self.source.resolve().parent)
+                out = (header + yaml.safe_dump(moved, sort_keys=False)).encode()
         # Atomic: the control plane's watcher must never read half a file.
         tmp = self.target.with_name(self.target.name + ".tmp")
         tmp.write_bytes(out)

@@ -80,3 +80,20 @@ def test_secret_files_are_private(tmp_path: Path) -> None:
     again, new_again = load_or_create_secret(tmp_path / "new" / "xds")
     assert new and not new_again and value == again and len(value) >= 32
     assert stat.S_IMODE(os.stat(tmp_path / "new" / "xds").st_mode) == 0o600
+
+
+def test_the_mirror_anchors_relative_paths_at_the_source_file(tmp_path: Path) -> None:
+    """The mirror lives in the state dir: a relative model directory or weights path of the source file
+    must still name the same place."""
+    doc = {
+        "lifecycle": {
+            "model_dirs": [{"path": "deploy/models-sim"}, {"path": "/abs/models"}],
+            "log_dir": "logs",
+        },
+        "models": [{"id": "m", "engine": "vllm", "launch": {"path": "weights/m.gguf"}}],
+    }
+    out = remap_registry(doc, lambda port: port, tmp_path)
+    assert out["lifecycle"]["model_dirs"][0]["path"] == str(tmp_path / "deploy/models-sim")
+    assert out["lifecycle"]["model_dirs"][1]["path"] == "/abs/models"
+    assert out["lifecycle"]["log_dir"] == str(tmp_path / "logs")
+    assert out["models"][0]["launch"]["path"] == str(tmp_path / "weights/m.gguf")
