@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
 from envoy.type.v3 import ratelimit_strategy_pb2
 
@@ -149,22 +148,6 @@ class BucketFigures:
     action: Action | None  # None: nothing sent yet
 
 
-class _Identified:
-    """An RLQS report seen as the authenticator expects a first request: with a `node`. RLQS carries no
-    node; the credential is the deployment-wide one (not node-bound), so the id only names the log line."""
-
-    def __init__(self, report: rlqs_pb2.RateLimitQuotaUsageReports) -> None:
-        self.report = report
-        self.node = base_pb2.Node(id=f"rlqs:{report.domain or '-'}"[:80])
-
-
-async def _identified(
-    reports: AsyncIterator[rlqs_pb2.RateLimitQuotaUsageReports],
-) -> AsyncIterator[_Identified]:
-    async for report in reports:
-        yield _Identified(report)
-
-
 class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
     def __init__(
         self,
@@ -191,9 +174,13 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         request_iterator: AsyncIterator[rlqs_pb2.RateLimitQuotaUsageReports],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[_Response]:
-        reports: AsyncIterator[_Identified] = _identified(request_iterator)
+        reports = request_iterator
         if self._auth is not None:
-            reports = await self._auth.admit("rlqs", reports, context, node_bound=False)
+            # RLQS reports name no node; the credential is the deployment-wide one (not node-bound), so
+            # the id only names the log line.
+            reports = await self._auth.admit(
+                "rlqs", reports, context, node_bound=False, node_of=lambda r: f"rlqs:{r.domain or '-'}"[:80]
+            )
         stream = _Stream(sid=next(self._next_sid), peer=context.peer())
         self._streams[stream.sid] = stream
         reader = asyncio.create_task(self._read(stream, reports))
@@ -204,10 +191,12 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
             reader.cancel()
             self._close(stream)
 
-    async def _read(self, stream: _Stream, reports: AsyncIterator[_Identified]) -> None:
+    async def _read(
+        self, stream: _Stream, reports: AsyncIterator[rlqs_pb2.RateLimitQuotaUsageReports]
+    ) -> None:
         try:
-            async for item in reports:
-                self._on_report(stream, item.report)
+            async for report in reports:
+                self._on_report(stream, report)
         except grpc.aio.AioRpcError:
             pass  # the Envoy went away: the stream ends below
         except Exception:  # a bug here must end this stream, not leave it without answers

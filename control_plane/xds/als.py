@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
@@ -125,24 +124,6 @@ class LocalReplyCounter:
         return dict(self._unreported_errors)
 
 
-class _Identified:
-    """An ALS message seen as the authenticator expects a first request: with a `node`."""
-
-    def __init__(self, message: als_pb2.StreamAccessLogsMessage) -> None:
-        self.message = message
-
-    @property
-    def node(self) -> base_pb2.Node:
-        return self.message.identifier.node
-
-
-async def _identified(
-    messages: AsyncIterator[als_pb2.StreamAccessLogsMessage],
-) -> AsyncIterator[_Identified]:
-    async for message in messages:
-        yield _Identified(message)
-
-
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, sinks: Sequence[EntrySink], authenticator: XdsAuthenticator | None = None) -> None:
         self._sinks = tuple(sinks)
@@ -153,13 +134,15 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
         context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
-        messages: AsyncIterator[_Identified] = _identified(request_iterator)
+        messages = request_iterator
         if self._auth is not None:
             # Checked like ADS and LRS before anything is counted, with the deployment's access-log
             # credential (the one the listener carries, see xds/auth.py).
-            messages = await self._auth.admit("als", messages, context, node_bound=False)
-        async for item in messages:
-            for entry in item.message.http_logs.log_entry:
+            messages = await self._auth.admit(
+                "als", messages, context, node_bound=False, node_of=lambda m: m.identifier.node.id
+            )
+        async for message in messages:
+            for entry in message.http_logs.log_entry:
                 for sink in self._sinks:
                     sink.record(entry)
         return als_pb2.StreamAccessLogsResponse()

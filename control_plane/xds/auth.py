@@ -24,7 +24,7 @@ import base64
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import grpc
@@ -116,10 +116,12 @@ class XdsAuthenticator:
         context: grpc.aio.ServicerContext,
         *,
         node_bound: bool = True,
+        node_of: Callable[[_Request], str] | None = None,
     ) -> AsyncIterator[_Request]:
         """The stream's requests, first one included, once the caller is known; otherwise abort the call
         (context.abort raises) before anything is sent. `node_bound=False`: the deployment-wide access-log
-        credential instead of the node's own."""
+        credential instead of the node's own. `node_of`: where a request names its node, for streams whose
+        requests have no `node` field (ALS carries it in its identifier; RLQS not at all)."""
         peer = context.peer()
         # The first request is read before any verdict: a refusal sent while the client is still writing
         # it reaches the client as its own write failure (INTERNAL), not as the server's status.
@@ -139,7 +141,7 @@ class XdsAuthenticator:
         presented = presented.strip()
         if scheme.lower() != "bearer" or not presented.startswith(TOKEN_PREFIX):
             await self._refuse(context, service, "malformed", peer, "", grpc.StatusCode.UNAUTHENTICATED)
-        node_id: str = getattr(getattr(first, "node", None), "id", "") or ""
+        node_id = node_of(first) if node_of else getattr(getattr(first, "node", None), "id", "") or ""
         if not node_id:
             await self._refuse(context, service, "no_node", peer, "", grpc.StatusCode.UNAUTHENTICATED)
         expected = (self.token_for(node_id) if node_bound else self.log_token()).encode("ascii")
