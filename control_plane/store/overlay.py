@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from control_plane.config.loader import parse_registry, validation_problems
 from control_plane.config.schema import EndpointConfig, ModelConfig, Registry
-from control_plane.store.sqlite import open_database
+from control_plane.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +85,16 @@ class Applied:
     admin_endpoints: frozenset[str] = frozenset()
 
 
-class AdminStore:
+class AdminStore(SqliteStore):
+    schema = _SCHEMA
+
     def __init__(self, path: Path | str) -> None:
-        self._db = open_database(path, _SCHEMA)
+        super().__init__(path)
         # Databases written before audit entries named their actor gain the column (old rows: '').
         if "actor" not in {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}:
             self._db.execute("ALTER TABLE audit ADD COLUMN actor TEXT NOT NULL DEFAULT ''")
         # Re-entrant: `preview` holds it around writes and reads that take it again.
         self._lock = threading.RLock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def write(
         self, statements: list[tuple[str, tuple[Any, ...]]], action: str, target: str, detail: str

@@ -4,7 +4,9 @@ overlay, API keys, usage): each store has its own connection, serialised by its 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 
 def open_database(path: Path | str, schema: str) -> sqlite3.Connection:
@@ -20,3 +22,18 @@ def open_database(path: Path | str, schema: str) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(schema)
     return db
+
+
+class SqliteStore:
+    """A store's own connection to the file (`open_database` with the class's `schema`), and the lock that
+    serialises its use; `close` takes the lock, so no statement is cut by it."""
+
+    schema: ClassVar[str] = ""
+
+    def __init__(self, path: Path | str) -> None:
+        self._db = open_database(path, self.schema)
+        self._lock: threading.Lock | threading.RLock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

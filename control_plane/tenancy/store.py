@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Protocol
 
-from control_plane.store.sqlite import open_database
+from control_plane.store.sqlite import SqliteStore
 from control_plane.tenancy.errors import KeyConflict, KeyNotFound
 from control_plane.tenancy.keys import ApiKey, KeySettings
 
@@ -50,14 +48,8 @@ class KeyStore(Protocol):
     def close(self) -> None: ...
 
 
-class SqliteKeyStore:
-    def __init__(self, path: Path | str) -> None:
-        self._db = open_database(path, _SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+class SqliteKeyStore(SqliteStore):
+    schema = _SCHEMA
 
     def create(self, key: ApiKey) -> None:
         row = (

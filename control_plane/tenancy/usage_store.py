@@ -9,13 +9,11 @@ control planes would then add to the same rows).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from control_plane.store.sqlite import open_database
+from control_plane.store.sqlite import SqliteStore
 
 Grouping = Literal["model", "minute", "hour", "day", "key"]
 BUCKET_SECONDS: Mapping[str, int] = {"minute": 60, "hour": 3600, "day": 86400}
@@ -103,14 +101,8 @@ class UsageStore(Protocol):
     def close(self) -> None: ...
 
 
-class SqliteUsageStore:
-    def __init__(self, path: Path | str) -> None:
-        self._db = open_database(path, _SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+class SqliteUsageStore(SqliteStore):
+    schema = _SCHEMA
 
     def add(self, rows: Iterable[UsageRow]) -> None:
         params = [(r.key_id, r.model, r.minute, *r.counts.as_tuple()) for r in rows]
