@@ -32,7 +32,7 @@ from control_plane.tenancy.publish import KeyPublisher
 from control_plane.tenancy.usage_entry import KeyedRequest, keyed_request
 from control_plane.tenancy.usage_limits import Clock, DenialWorker, TokenLimits, month_start, seed_since
 from control_plane.tenancy.usage_store import Counts, Grouping, UsageRow, UsageStore, group_of
-from control_plane.xds.log_entries import NO_MODEL, UNKNOWN_MODEL
+from control_plane.xds.log_entries import ModelNames
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class UsageAccounting:
         self._metrics = metrics
         self._settings = settings
         self._clock = clock
-        self._names: dict[str, str] = {}
+        self._names = ModelNames(registry)
         self._labelled: set[str] = set()
         self._limited: frozenset[str] = frozenset()  # ids of the keys with a tpm_limit or a budget
         self._pending: dict[tuple[str, str, int], Counts] = {}
@@ -87,7 +87,7 @@ class UsageAccounting:
 
     # Following the registry and the keys
     def follow_registry(self, registry: Registry) -> None:
-        self._names = {name: model.id for model in registry.models for name in model.names}
+        self._names.follow_registry(registry)
 
     async def follow(self, registry: Registry) -> None:
         """A registry listener (ControlPlane.add_registry_listener)."""
@@ -135,9 +135,7 @@ class UsageAccounting:
         return request
 
     def model_id(self, name: str) -> str:
-        if not name:
-            return NO_MODEL
-        return self._names.get(name, UNKNOWN_MODEL)
+        return self._names.of(name)
 
     def _key_label(self, name: str) -> str:
         if name in self._labelled:

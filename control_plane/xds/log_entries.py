@@ -43,8 +43,11 @@ class ModelNames:
     def follow_registry(self, registry: Registry) -> None:
         self._names = {name: model.id for model in registry.models for name in model.names}
 
-    def label(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
-        name = string_field(metadata_fields(entry, METADATA_NAMESPACE), "model")
-        if name is None:
+    def of(self, name: str | None) -> str:
+        """The label of a client-given name (None or empty: the request named none)."""
+        if not name:
             return NO_MODEL
         return self._names.get(name, UNKNOWN_MODEL)
+
+    def label(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
+        return self.of(string_field(metadata_fields(entry, METADATA_NAMESPACE), "model"))
