@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
 from fastapi import Depends
 from pydantic import SecretStr
 
@@ -25,6 +21,7 @@ from control_plane.admin.timeseries import TimeSeriesSampler
 from control_plane.admin.views import Observers
 from control_plane.config.loader import load_registry
 from control_plane.config.schema import Registry
+from control_plane.http_server import bind, embedded_server
 from control_plane.lifecycle.wiring import LifecycleWiring
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.observability.file_sd import FileSdWriter
@@ -62,27 +59,6 @@ class ServeSettings:
     allow_empty: bool = False  # serve a registry without models (else refused at start and on reload)
     usage_retention_days: int = 35  # usage per key and minute is kept this long
     usage_key_labels: int = 1000  # key names in Prometheus labels; further keys are `(other)`
-
-
-class _AdminServer(uvicorn.Server):
-    """uvicorn without its own signal handling: our handlers stop xDS and admin together."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on such sockets, and without it every admin
-    # response (headers and body sent apart) waits for the client's delayed ACK, about 40 ms.
-    sock = socket.socket(
-        socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
-    )
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
 
 
 async def serve(settings: ServeSettings) -> None:
@@ -177,9 +153,9 @@ async def serve(settings: ServeSettings) -> None:
         local_errors=local_replies.unreported_errors,  # Envoy's own 5xx, which no load report has
     )
     register_status_page(admin_app, sampler=sampler, alerts=admin_app.state.alerts, guard_dependency=guard)
-    admin_socket = _bind(settings.admin_host, settings.admin_port)
+    admin_socket = bind(settings.admin_host, settings.admin_port)
     admin_port = admin_socket.getsockname()[1]
-    admin = _AdminServer(uvicorn.Config(admin_app, log_level="warning", access_log=False, lifespan="off"))
+    admin = embedded_server(admin_app)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -7,13 +7,12 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 from fastapi.params import Depends
 from prometheus_client import CollectorRegistry
@@ -21,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from control_plane.admin.lifecycle import register_lifecycle_routes
 from control_plane.config.schema import ModelConfig, Registry
 from control_plane.devstack.procs import free_port
+from control_plane.http_server import EmbeddedServer, bind, embedded_server
 from control_plane.lifecycle.activator import create_activator_app, upstream_client
 from control_plane.lifecycle.discovery import scan
 from control_plane.lifecycle.launchers import SimulatorLauncher, launcher_for
@@ -33,14 +33,6 @@ from control_plane.service import ControlPlane
 from control_plane.xds.lrs import LoadReportStore
 
 log = logging.getLogger(__name__)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the control plane stops every server together."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def _engines(log_dir: Path) -> Any:
@@ -65,7 +57,7 @@ class LifecycleWiring:
     upstream: httpx.AsyncClient
     activator_socket: socket.socket
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    _server: _Server | None = None
+    _server: EmbeddedServer | None = None
 
     @classmethod
     def create(
@@ -80,11 +72,7 @@ class LifecycleWiring:
         """Scans the model directories once, so the plane's first registry has their models."""
         discovered = DiscoveredModels(config_path.parent, scan)
         discovered.rescan(registry)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((activator_host, 0))
-        sock.listen(128)
-        sock.setblocking(False)
+        sock = bind(activator_host, 0)
         manager = LifecycleManager(
             publish=lambda model_id, replicas: None,  # set in start(): the plane does not exist yet
             engines=_engines(log_dir),
@@ -110,7 +98,7 @@ class LifecycleWiring:
         plane.add_registry_listener(self.manager.follow)
         await self.manager.follow(plane.registry)
         app = create_activator_app(self.manager, self.upstream)
-        self._server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self._server = embedded_server(app)
         self._tasks = [
             asyncio.create_task(self._server.serve(sockets=[self.activator_socket])),
             asyncio.create_task(self.manager.run()),
