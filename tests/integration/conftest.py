@@ -10,6 +10,7 @@ import pytest
 
 from control_plane.devstack.procs import free_port
 from control_plane.devstack.stack import LocalStack, StackSettings
+from tests.support.echo import EchoServer
 from tests.support.registries import model, registry, write
 
 StackFactory = Callable[..., LocalStack]
@@ -48,6 +49,13 @@ def make_stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack
             for log in sorted((stack.settings.work_dir / "logs").glob("*.log")):
                 print(f"----- {log.name} (tail) -----\n{log.read_text(errors='replace')[-2500:]}")
         stack.stop()
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    """A model server that answers with what it received (headers included), for a model "echo"."""
+    with EchoServer("echo", free_port()).running() as server:
+        yield server
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,12 +26,6 @@ pytestmark = pytest.mark.integration
 
 DECLARED = "sk-declared-0123456789abcdef0123456789"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-
-
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    with EchoServer("echo", free_port()).running() as server:
-        yield server
 
 
 @pytest.fixture

@@ -6,14 +6,12 @@ from __future__ import annotations
 import re
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
-from control_plane.devstack.procs import free_port
 from tests.integration.conftest import StackFactory
 from tests.support.echo import EchoServer
 from tests.support.registries import model, registry
@@ -21,12 +19,6 @@ from tests.support.registries import model, registry
 pytestmark = pytest.mark.integration
 
 BODY = {"model": "echo", "messages": [{"role": "user", "content": "x"}]}
-
-
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    with EchoServer("echo", free_port()).running() as server:
-        yield server
 
 
 @pytest.fixture
