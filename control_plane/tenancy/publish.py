@@ -50,19 +50,20 @@ class KeyPublisher:
     def __init__(self, push: Push, clock: Callable[[], float] = time.time) -> None:
         self._push = push
         self._clock = clock
-        self._keys: tuple[ApiKey, ...] = ()
+        self._keys: dict[str, ApiKey] = {}  # by id, in the table's order
         self._denials: dict[str, Denial] = {}
 
     @property
     def keys(self) -> tuple[ApiKey, ...]:
-        return self._keys
+        return tuple(self._keys.values())
 
     def by_id(self, key_id: str) -> ApiKey | None:
-        return next((k for k in self._keys if k.id == key_id), None)
+        """A key's settings, looked up for every keyed request of a limited key: a dict, not a scan."""
+        return self._keys.get(key_id)
 
     async def keys_changed(self, table: Sequence[ApiKey]) -> None:
         """A KeyService listener: the keys Envoy must accept now (pushed and waited for)."""
-        self._keys = tuple(table)
+        self._keys = {k.id: k for k in table}
         await self._publish()
 
     async def deny(self, key_id: str, code: str, until: float) -> SyncReport | None:
@@ -86,5 +87,5 @@ class KeyPublisher:
     async def _publish(self) -> SyncReport | None:
         now = self._clock()
         self._denials = {k: d for k, d in self._denials.items() if d.until > now}
-        entries = tuple(key_entry(k, self._denials.get(k.id)) for k in self._keys)
+        entries = tuple(key_entry(k, self._denials.get(k.id)) for k in self._keys.values())
         return await self._push(entries)
