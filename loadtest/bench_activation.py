@@ -46,16 +46,12 @@ from loadtest._common import (
     ProcessCpu,
     SectionResult,
     admin_headers,
-    fmt_ms,
-    fmt_x,
     local_stack,
-    markdown_table,
-    percentile,
-    ratio,
     run_load,
     wait_routable,
     wrk_binary,
 )
+from loadtest.bench_activation_report import render
 
 STATIC = "bench-static"
 LAUNCHED = "bench-launched-0"  # the warm path's model
@@ -303,101 +299,6 @@ def warm_path(stack: LocalStack, settings: ActivationSettings) -> dict[str, Any]
     return {"replica": replica, "rows": rows}
 
 
-def _summary(runs: list[dict[str, Any]], key: str) -> list[str]:
-    values = [r[key] * 1000 for r in runs]
-    return [fmt_ms(percentile(values, 50), 1), fmt_ms(percentile(values, 90), 1), fmt_ms(max(values), 1)]
-
-
-def render(
-    singles: list[dict[str, Any]],
-    bursts: list[dict[str, Any]],
-    warm: dict[str, Any],
-    settings: ActivationSettings,
-    client: str,
-) -> str:
-    keys = [
-        ("total_s", "cold request, start to answer"),
-        ("engine_load_s", "engine's own load (spawn → /health 200)"),
-        ("loaded_in_s", "manager's `loaded_in_s`"),
-        ("warm_s", "same request, warm"),
-        ("overhead_s", "**activation overhead**"),
-        ("before_spawn_s", "of which: request → engine spawn"),
-        ("after_ready_s", "of which: engine ready → answer (less warm time)"),
-        ("overhead_vs_manager_s", "overhead vs `loaded_in_s`"),
-    ]
-    rows = []
-    for key, label in keys:
-        row = [label, *_summary(singles, key)]
-        row += _summary(bursts, key) if bursts else ["-"] * 3
-        rows.append(row)
-    cold = markdown_table(
-        [
-            "",
-            "p50 (1 req)",
-            "p90 (1 req)",
-            "max (1 req)",
-            f"p50 ({settings.burst_size} at once)",
-            f"p90 ({settings.burst_size})",
-            f"max ({settings.burst_size})",
-        ],
-        rows,
-        "lrrrrrr",
-    )
-    errors = sum(r["errors"] for r in singles + bursts)
-    loads = sorted({r["loads"] for r in singles + bursts})
-    by = {r["model"]: r for r in warm["rows"]}
-    warm_rows = [
-        [
-            "launched (warm)" if r["model"] == LAUNCHED else "static",
-            f"{r['rps']:,.0f}",
-            fmt_ms(r["p50_ms"]),
-            fmt_ms(r["p99_ms"]),
-            r["errors"],
-            f"{r['control_plane_cores']:.3f}",
-            f"{r['held_max']:g}",
-            f"{r['through_activator']:g}",
-            ", ".join(r["x_served_by"]),
-        ]
-        for r in warm["rows"]
-    ]
-    launched, static = by.get(LAUNCHED), by.get(STATIC)
-    ratios = (
-        f"launched / static: req/s {fmt_x(ratio(launched['rps'], static['rps']))}, "
-        f"p50 {fmt_x(ratio(launched['p50_ms'], static['p50_ms']))}, "
-        f"p99 {fmt_x(ratio(launched['p99_ms'], static['p99_ms']))}."
-        if launched and static
-        else ""
-    )
-    loads_seen = ", ".join(f"{x:g}" for x in loads)
-    head = (
-        f"Simulated engine (`fast` profile), `load_time_s` {load_time(settings, 0):g} to "
-        f"{load_time(settings, settings.models - 1):g} s over {settings.models} launched models; "
-        f"{len(singles)} single cold requests and {len(bursts)} burst(s) of {settings.burst_size}, the "
-        f"model unloaded between runs; engine side polled every {settings.poll_s * 1000:g} ms; warm "
-        f"reference: median of {settings.warm_repeats}. Errors: {errors}; loads per run: {loads_seen}."
-    )
-    warm_head = (
-        f"Warm path (`{client}`, {settings.warm_connections} connections, {settings.warm_duration_s:g} s "
-        f"after {settings.warmup_s:g} s of warm-up, one run each; the replica is `{warm['replica']}`):"
-    )
-    warm_table = markdown_table(
-        [
-            "model",
-            "req/s",
-            "p50",
-            "p99",
-            "errors",
-            "control-plane cores",
-            "held (max)",
-            "through the activator",
-            "x-served-by",
-        ],
-        warm_rows,
-        "lrrrrrrrl",
-    )
-    return f"{head}\n\n{cold}\n\n{warm_head}\n\n{warm_table}\n\n{ratios}\n"
-
-
 def run(settings: ActivationSettings, keep_dir: Path | None = None) -> SectionResult:
     started = time.monotonic()
     client = "wrk" if wrk_binary() else "python (aiohttp)"
@@ -416,7 +317,10 @@ def run(settings: ActivationSettings, keep_dir: Path | None = None) -> SectionRe
                 asyncio.run(cold_run(stack, settings, settings.burst_size, i)) for i in range(settings.bursts)
             ]
             warm = warm_path(stack, settings)
-    markdown = render(singles, bursts, warm, settings, client)
+    load_times = (load_time(settings, 0), load_time(settings, settings.models - 1))
+    markdown = render(
+        singles, bursts, warm, settings, client, launched=LAUNCHED, static=STATIC, load_times=load_times
+    )
     data = {
         "settings": asdict(settings),
         "client": client,

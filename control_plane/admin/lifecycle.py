@@ -53,7 +53,9 @@ def register_lifecycle_routes(
     rescan: Callable[[], Awaitable[bool]],
     *,
     dependencies: Sequence[Depends],
+    endpoint_models: Callable[[], dict[str, dict[str, Any]]] = dict,
 ) -> None:
+    """`endpoint_models()`: the desired replicas of models with fixed endpoints (lifecycle/external.py)."""
     router = APIRouter(dependencies=list(dependencies), tags=["lifecycle"])
 
     def launched(model_id: str) -> str:
@@ -101,6 +103,7 @@ def register_lifecycle_routes(
             "budget": manager.budget(),
             "discovered": _discovered(discovered),
             "events": manager.events(),
+            "endpoint_models": endpoint_models(),
         }
 
     @router.post("/admin/lifecycle/scan")

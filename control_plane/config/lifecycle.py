@@ -48,6 +48,13 @@ class AutoscaleSettings(_Frozen):
         le=100_000,
         description="Requests in flight per ready replica, as Envoy's load reports and the activator count.",
     )
+    target_gpu_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Mean GPU utilisation of the ready replicas, 0..1 (DCGM_FI_DEV_GPU_UTIL / 100 from the "
+        "engine's or its DCGM exporter's /metrics; NVML on the GPUs a launched replica was given).",
+    )
     scale_up_after_s: float = Field(
         default=15,
         ge=0,
@@ -64,8 +71,70 @@ class AutoscaleSettings(_Frozen):
 
     @model_validator(mode="after")
     def _some_target(self) -> Self:
-        if self.target_queue_depth is None and self.target_ttft_s is None and self.target_in_flight is None:
-            raise ValueError("set at least one of target_queue_depth, target_ttft_s, target_in_flight")
+        targets = (self.target_queue_depth, self.target_ttft_s, self.target_in_flight)
+        if all(t is None for t in (*targets, self.target_gpu_utilization)):
+            raise ValueError(
+                "set at least one of target_queue_depth, target_ttft_s, target_in_flight, "
+                "target_gpu_utilization"
+            )
+        return self
+
+
+class RestartSettings(_Frozen):
+    """How a launched replica that exits or fails its health probes is replaced (docs/lifecycle.md,
+    "Replacing a replica")."""
+
+    unhealthy_after_s: float = Field(
+        default=30,
+        ge=0,
+        le=86_400,
+        description="A ready replica the health probes mark unhealthy for this long is stopped and started "
+        "anew (0: at the probes' verdict).",
+    )
+    drain_s: float = Field(
+        default=10,
+        ge=0,
+        le=3600,
+        description="How long requests in flight on an unhealthy replica may finish before it is stopped.",
+    )
+    max_restarts: int = Field(
+        default=3,
+        ge=0,
+        le=1000,
+        description="Replacements allowed within window_s; the next failure marks the model failed.",
+    )
+    window_s: float = Field(default=600, gt=0, le=7 * 86_400, description="The window of max_restarts.")
+    backoff_s: float = Field(
+        default=1,
+        ge=0,
+        le=3600,
+        description="Wait before the nth replacement of the window: backoff_s * 2^(n-1), at most "
+        "backoff_max_s.",
+    )
+    backoff_max_s: float = Field(default=60, ge=0, le=3600)
+
+    def backoff(self, nth: int) -> float:
+        """The wait before the `nth` (1, 2, ...) replacement of the window."""
+        return float(min(self.backoff_s * 2 ** max(nth - 1, 0), self.backoff_max_s))
+
+
+class ScalingSettings(_Frozen):
+    """For a model with fixed `endpoints` (engines someone else runs, e.g. a Deployment that Kubernetes
+    HPA or KEDA scales): the bounds and targets from which the control plane computes the replica count
+    it should have, exported as `llm_gateway_model_desired_replicas` (docs/lifecycle.md)."""
+
+    min_replicas: int = Field(default=1, ge=1, le=10_000, description="The fewest replicas to ask for.")
+    max_replicas: int = Field(default=1, ge=1, le=10_000, description="The most replicas to ask for.")
+    autoscale: AutoscaleSettings = Field(
+        default_factory=AutoscaleSettings, description="Targets for asking for more or fewer replicas."
+    )
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
         return self
 
 
@@ -108,6 +177,10 @@ class LaunchSettings(_Frozen):
     )
     autoscale: AutoscaleSettings = Field(
         default_factory=AutoscaleSettings, description="Targets for adding and removing replicas."
+    )
+    restart: RestartSettings = Field(
+        default_factory=RestartSettings,
+        description="Replacing a replica that exits or fails its health probes, with bounded restarts.",
     )
 
     @model_validator(mode="after")

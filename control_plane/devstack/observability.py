@@ -20,11 +20,13 @@ Layout under the work directory:
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import shutil
 import socket
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,8 @@ from control_plane.observability.render import (
     rules_for,
     webhook_url,
 )
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "sudo apt-get install prometheus prometheus-alertmanager"
 DEFAULT_PROMETHEUS_PORT = 9090
@@ -239,7 +243,7 @@ class ObservabilityStack:
         self._envoy_targets = list(envoy_admin_urls)
         self._control_plane_url = control_plane_admin_url
         if registry is not None:
-            self._model_ids = tuple(m.id for m in registry.models)
+            self._model_ids = tuple(sorted({m.id for m in registry.models}))
         if registry is not None and write_targets:
             self._sd.write(registry)
         else:
@@ -273,13 +277,34 @@ class ObservabilityStack:
         seconds; skipped with `write_targets=False`). When the set of models changed, re-render
         prometheus.yml for the model relabelling and reload Prometheus. True if anything changed."""
         changed = self._sd.write(registry) if write_targets else False
-        model_ids = tuple(m.id for m in registry.models)
-        if model_ids != self._model_ids:
-            self._model_ids = model_ids
-            if self._write_prometheus_config():
-                changed = True
-                self.reload()
-        return changed
+        return self.set_model_ids(m.id for m in registry.models) or changed
+
+    def set_model_ids(self, model_ids: Iterable[str]) -> bool:
+        """The models whose Envoy series need an exact `model` relabelling (ids with '.', '/' ...): when
+        they changed, re-render prometheus.yml and reload Prometheus. True if it was reloaded."""
+        ids = tuple(sorted(set(model_ids)))
+        if ids == self._model_ids:
+            return False
+        self._model_ids = ids
+        if self._write_prometheus_config():
+            self.reload()
+            return True
+        return False
+
+    def follow_models(self, control_plane_admin_url: str, admin_token: str) -> bool:
+        """`set_model_ids` with the models the control plane serves now (its admin API), discovered and
+        admin-added ones included; False (and unchanged) when it does not answer."""
+        request = urllib.request.Request(
+            control_plane_admin_url.rstrip("/") + "/admin/models",
+            headers={"authorization": f"Bearer {admin_token}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                models = json.loads(response.read())["models"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.debug("the control plane's models could not be read: %s", exc)
+            return False
+        return self.set_model_ids(str(m["id"]) for m in models)
 
     def set_scrape_targets(self, envoy_admin_urls: Sequence[str], control_plane_admin_url: str) -> None:
         """Point Prometheus at other Envoys / another control-plane port, and reload it."""

@@ -236,10 +236,16 @@ def run_devstack(settings: DevStackSettings) -> int:
         rotator = AccessLogRotator(
             lambda: [(stack.access_log_path(e.node_id), e.admin_url) for e in stack.envoys]
         )
+        ticks = 0
         while True:
             time.sleep(0.5)
             supervisor.check()
             rotator.check()
+            ticks += 1
+            if obs is not None and ticks % 10 == 0:
+                # Models found in the model directories (or added through the admin API) after Prometheus
+                # started: their Envoy series get the exact `model` label too (ids with '.', '/' ...).
+                obs.follow_models(stack.admin_url, stack.settings.admin_token)
     except _Stop:
         print("\nstopping ...", flush=True)
         return 0

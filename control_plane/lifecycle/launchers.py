@@ -76,6 +76,7 @@ class TemplateLauncher:
     kind_args: Mapping[ModelKind, tuple[ArgGroup, ...]] = {}  # the kinds served, and their extra arguments
     engines: Mapping[ModelKind, str] = {}  # the registry engine the started server speaks, per kind
     needs_weights = True
+    alias_flag: str | None = None  # repeated once per alias; None: the engine does not check `model`
 
     def __init__(
         self,
@@ -100,7 +101,13 @@ class TemplateLauncher:
         argv = [self.executable]
         for group in (*self.template, *self.kind_args[spec.kind]):
             argv += _render(group, values, self.name)
-        return [*argv, *self.extra_args, *spec.extra_args]
+        return [*argv, *self.alias_args(spec), *self.extra_args, *spec.extra_args]
+
+    def alias_args(self, spec: LaunchSpec) -> list[str]:
+        """The arguments that make the engine answer to the model's aliases too."""
+        if self.alias_flag is None:
+            return []
+        return [arg for alias in spec.aliases for arg in (self.alias_flag, alias)]
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
         """Environment additions: the spec's, plus the GPUs the replica may see."""
@@ -169,6 +176,7 @@ class SimulatorLauncher(TemplateLauncher):
     kind_args = {kind: () for kind in ModelKind}
     engines = {ModelKind.CHAT: "vllm", ModelKind.EMBEDDING: "tei", ModelKind.RERANK: "tei"}
     needs_weights = False
+    alias_flag = "--served-name"
 
     def __init__(
         self,
@@ -214,6 +222,16 @@ class VllmLauncher(TemplateLauncher):
     )
     kind_args = {ModelKind.CHAT: ()}
     engines = {ModelKind.CHAT: "vllm"}
+
+    def alias_args(self, spec: LaunchSpec) -> list[str]:
+        return []  # vLLM takes every name after --served-model-name (the first is the one it reports)
+
+    def command(self, spec: LaunchSpec) -> list[str]:
+        argv = super().command(spec)
+        if spec.aliases:
+            at = argv.index("--served-model-name") + 2
+            argv[at:at] = list(spec.aliases)
+        return argv
 
 
 class TgiLauncher(TemplateLauncher):

@@ -14,6 +14,8 @@ Contract with the rest of the control plane:
 - Replicas: each holds the model's `memory_mb` of the budget; a load that does not fit evicts others
   (lifecycle/placement.py). Between `min_replicas` (loaded at start, kept until an admin unload) and
   `max_replicas`, the manager's `Scaler` (lifecycle/scaling.py) adds or drains one replica at a time.
+- Replicas are started, watched and replaced when they exit or fail their health probes by the manager's
+  `Supervisor` (lifecycle/supervision.py); `set_health` gives it the prober's verdicts.
 """
 
 from __future__ import annotations
@@ -27,26 +29,22 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from control_plane.config.schema import ModelConfig, Registry
+from control_plane.config.schema import Registry
 from control_plane.lifecycle.autoscale import QueueDepthPolicy, ReplicaSignalReader, ScalingPolicy
 from control_plane.lifecycle.errors import LifecycleError, LoadFailed, LoadingTimeout
 from control_plane.lifecycle.metrics import LifecycleMetrics
 from control_plane.lifecycle.placement import Placement
 from control_plane.lifecycle.replicas import STOP_GRACE_S, Engine, ModelRuntime, Replica
 from control_plane.lifecycle.scaling import Scaler
-from control_plane.lifecycle.types import LaunchSpec, LifecycleState, ModelKind
-from control_plane.state import LaunchedReplica
+from control_plane.lifecycle.supervision import EngineFactory, Publish, Supervisor
+from control_plane.lifecycle.types import LifecycleState
 from control_plane.telemetry.scraper import TelemetryScraper
 
 __all__ = ["Engine", "LifecycleError", "LifecycleManager"]
 
 log = logging.getLogger(__name__)
 
-LOAD_TIMEOUT_S = 900.0  # an engine still not ready after this is given up (big models load for minutes)
 DRAIN_TIMEOUT_S = 600.0
-
-EngineFactory = Callable[[LaunchSpec, ModelConfig], Engine]
-Publish = Callable[[str, tuple[LaunchedReplica, ...]], None]
 
 
 class LifecycleManager:
@@ -66,11 +64,9 @@ class LifecycleManager:
         signals: ReplicaSignalReader | None = None,
     ) -> None:
         self._publish = publish
-        self._engines = engines
         self._metrics = metrics
         self._in_flight = in_flight
         self._issued = issued
-        self._free_port = free_port
         self._clock = clock
         self._log_dir = log_dir
         # The replicas' own /metrics (launched replicas are not in the registry's scrape targets).
@@ -88,6 +84,21 @@ class LifecycleManager:
             shed_replica=lambda runtime, reason: self._scaler.remove_replica(runtime, reason),
             unload=self._unload,
         )
+        self._supervisor = Supervisor(
+            self._runtimes,
+            engines=engines,
+            publish=lambda: self._publish,
+            placement=self._placement,
+            signals=self._signals,
+            metrics=metrics,
+            free_port=free_port,
+            clock=clock,
+            drain=self._drain,
+            give_up=self._give_up,
+            failed=self._failed,
+            spawn=self._spawn,
+            event=self._event,
+        )
         self._scaler = Scaler(
             self._runtimes,
             placement=self._placement,
@@ -97,10 +108,10 @@ class LifecycleManager:
             in_flight=in_flight,
             clock=clock,
             load=self._ensure_loading,
-            new_replica=self._new_replica,
-            run_replica=self._run_replica,
-            publish_ready=self._publish_ready,
-            unlist=self._unlist,
+            new_replica=self._supervisor.new_replica,
+            run_replica=self._supervisor.run_replica,
+            publish_ready=self._supervisor.publish_ready,
+            unlist=self._supervisor.unlist,
             drain=self._drain,
             spawn=self._spawn,
             event=self._event,
@@ -108,6 +119,10 @@ class LifecycleManager:
 
     def set_publisher(self, publish: Publish) -> None:
         self._publish = publish
+
+    def set_health(self, unhealthy: Callable[[str], bool]) -> None:
+        """`unhealthy(replica_id)`: whether the health prober marks a published replica unhealthy."""
+        self._supervisor.set_health(unhealthy)
 
     # Following the registry
     async def follow(self, registry: Registry) -> None:
@@ -150,7 +165,7 @@ class LifecycleManager:
                     raise LoadingTimeout(
                         f"The model `{model_id}` is still loading after {timeout:g} s. Retry shortly."
                     ) from None
-            ready = runtime.ready
+            ready = self._supervisor.serving(runtime)
             if not ready:
                 raise LoadFailed(f"The model `{model_id}` has no ready replica.")
             runtime.turn = (runtime.turn + 1) % len(ready)
@@ -192,11 +207,11 @@ class LifecycleManager:
         try:
             async with self._placement.lock:
                 await self._placement.make_room(runtime, busy_ok=True)
-                replica = self._new_replica(runtime)
+                replica = self._supervisor.new_replica(runtime)
                 runtime.state, runtime.failure = LifecycleState.LOADING, None
             self._metrics.cold_starts.inc()
             self._event(model_id, "loading", f"{runtime.memory_mb} MB")
-            await self._run_replica(runtime, replica)
+            await self._supervisor.run_replica(runtime, replica)
         except LifecycleError as exc:
             self._failed(runtime, str(exc))
             attempt.set_exception(exc)
@@ -211,43 +226,9 @@ class LifecycleManager:
         runtime.loaded_in_s = self._clock() - started
         runtime.issued_seen = self._issued(replica.address)
         self._metrics.load_seconds.observe(runtime.loaded_in_s)
-        self._publish_ready(runtime)
+        self._supervisor.publish_ready(runtime)
         self._event(model_id, "ready", f"loaded in {runtime.loaded_in_s:.1f} s")
         attempt.set_result(None)
-
-    def _new_replica(self, runtime: ModelRuntime) -> Replica:
-        """A replica's engine, listed (it holds memory from now on); called under the placement lock."""
-        model, launch = runtime.model, runtime.launch
-        port = self._free_port()
-        kind = ModelKind.CHAT if model.engine.value != "tei" else ModelKind.EMBEDDING
-        spec = LaunchSpec(
-            model_id=model.id,
-            served_name=model.served_model or model.id,
-            kind=kind,
-            port=port,
-            path=Path(launch.path) if launch.path else None,
-            gpus=launch.gpus,
-            memory_mb=runtime.memory_mb,
-            extra_args=launch.extra_args,
-        )
-        replica = Replica(id=f"{model.id}-launched-{port}", port=port, engine=self._engines(spec, model))
-        runtime.replicas.append(replica)
-        return replica
-
-    async def _run_replica(self, runtime: ModelRuntime, replica: Replica) -> None:
-        """Start a listed replica and wait until it is ready; on failure it is stopped and unlisted."""
-        engine = replica.engine
-        try:
-            await engine.start()
-            engine.on_exit(lambda code, tail: self._exited(runtime, replica, code, tail))
-            await engine.wait_ready(LOAD_TIMEOUT_S)
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                await engine.stop(STOP_GRACE_S)
-            self._unlist(runtime, replica)
-            raise LoadFailed(f"The model `{runtime.model.id}` failed to load: {exc}") from exc
-        if replica in runtime.replicas:  # not stopped meanwhile by an unload
-            replica.state = LifecycleState.READY
 
     def _failed(self, runtime: ModelRuntime, reason: str) -> None:
         runtime.state, runtime.failure, runtime.failed_at = LifecycleState.FAILED, reason, self._clock()
@@ -255,31 +236,21 @@ class LifecycleManager:
         self._metrics.load_failures.inc()
         self._event(runtime.model.id, "failed", reason)
 
-    def _exited(self, runtime: ModelRuntime, replica: Replica, code: int, tail: str) -> None:
-        if replica not in runtime.replicas or replica.state is LifecycleState.LOADING:
-            return  # stopped on purpose, or still loading (its loader reports the failure)
-        reason = f"engine exited with code {code}: {tail[-300:]}"
-        self._unlist(runtime, replica)
-        if runtime.state is LifecycleState.READY and not runtime.active:
-            self._failed(runtime, reason)
-        else:  # others still serve: the minimum or the policy replaces it
-            self._publish_ready(runtime)
-            self._event(runtime.model.id, "replica exited", f"{replica.address}: {reason}")
+    async def _give_up(self, runtime: ModelRuntime, reason: str) -> None:
+        """A replica keeps failing (lifecycle/supervision.py): the model is unloaded and marked failed."""
+        if runtime.state is LifecycleState.READY and runtime.replicas:
+            async with self._placement.lock:
+                await self._unload(runtime, "its replicas keep failing")
+        self._failed(runtime, reason)
 
-    def _unlist(self, runtime: ModelRuntime, replica: Replica) -> None:
-        if replica in runtime.replicas:
-            runtime.replicas.remove(replica)
-        self._signals.forget([replica.address])
-
-    def _publish_ready(self, runtime: ModelRuntime) -> None:
-        ready = tuple(LaunchedReplica(r.id, "127.0.0.1", r.port) for r in runtime.ready)
-        self._publish(runtime.model.id, ready)
-
-    async def _drain(self, runtime: ModelRuntime, replicas: list[Replica]) -> None:
+    async def _drain(
+        self, runtime: ModelRuntime, replicas: list[Replica], timeout_s: float | None = None
+    ) -> None:
         """Wait until Envoy's reports (made after this began) show nothing in flight on `replicas`, nor
-        the activator forwarding any of the model's requests (it holds `held` until the answer's end)."""
+        the activator forwarding any of the model's requests (it holds `held` until the answer's end);
+        at most `timeout_s` (default DRAIN_TIMEOUT_S)."""
         began = self._clock()
-        deadline = began + DRAIN_TIMEOUT_S
+        deadline = began + (DRAIN_TIMEOUT_S if timeout_s is None else timeout_s)
         while self._clock() < deadline:
             busy = runtime.held > 0 or any(self._in_flight(r.address) for r in replicas)
             if self._clock() - began >= self._settle_s and not busy:
@@ -313,7 +284,7 @@ class LifecycleManager:
         for replica in replicas:
             replica.state = LifecycleState.UNLOADING
             await replica.engine.stop(STOP_GRACE_S)
-            self._unlist(runtime, replica)
+            self._supervisor.unlist(runtime, replica)
         runtime.state, runtime.desired = LifecycleState.COLD, 0
         self._scaler.unloaded(model_id)
         self._event(model_id, "unloaded", reason)
@@ -379,6 +350,7 @@ class LifecycleManager:
                         await self._unload(runtime, f"idle for {idle_s:g} s")
                     continue
             await self._scaler.step(runtime)
+        self._supervisor.check()
         self._scaler.export()
 
     async def run(self, interval_s: float = 1.0) -> None:

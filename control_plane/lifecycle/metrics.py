@@ -19,6 +19,7 @@ class LifecycleMetrics:
     activation_wait: Histogram
     desired_replicas: Gauge
     replicas: Gauge
+    restarts: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> LifecycleMetrics:
@@ -56,11 +57,12 @@ class LifecycleMetrics:
                 registry=registry,
             ),
             # For Kubernetes HPA / KEDA where engines are not launched by the control plane: the replica
-            # count the autoscaling policy asks for, beside what runs.
+            # count the autoscaling policy asks for (every model), beside what runs (launched ones).
             desired_replicas=Gauge(
                 "llm_gateway_model_desired_replicas",
-                "Replicas a launched model should have: its autoscaling policy's answer, within "
-                "min_replicas..max_replicas (0: not loaded and no minimum).",
+                "Replicas a model should have: its autoscaling policy's answer, within "
+                "min_replicas..max_replicas (launched: 0 when not loaded and no minimum; a model with "
+                "fixed endpoints: from their telemetry, its `scaling` bounds, else their count).",
                 ["model"],
                 registry=registry,
             ),
@@ -68,6 +70,12 @@ class LifecycleMetrics:
                 "llm_gateway_model_replicas",
                 "A launched model's replicas by state (loading, ready, draining, unloading).",
                 ["model", "state"],
+                registry=registry,
+            ),
+            restarts=Counter(
+                "llm_gateway_model_replica_restarts",
+                "Launched replicas replaced, by why (exited, unhealthy).",
+                ["model", "reason"],
                 registry=registry,
             ),
         )

@@ -4,6 +4,10 @@ A recognised entry becomes a launched model (`launch` set, no endpoints) unless 
 id: then the file's model wins, and if it is a launched model without weights of its own it gets the
 entry's path and memory estimate. That is how an operator gives a discovered model aliases, limits or
 launch settings: a file model with the same id and a `launch` section.
+
+The id is the entry's name lower-cased (discovery.py); the name as spelt on disk (`Qwen2.5-0.5B-Instruct`,
+`llama-3.1-8b.Q4_K_M` without `.gguf`), when it differs and no other model uses it, is an alias: clients
+copy names from the hub or the file listing.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.config.lifecycle import LaunchSettings
+from control_plane.config.names import MODEL_ID
 from control_plane.config.schema import Registry
 from control_plane.lifecycle.types import DiscoveredModel, ModelKind
 
@@ -86,13 +91,16 @@ class DiscoveredModels:
             assert entry.kind is not None
             memory = entry.memory_mb or None
             launch = LaunchSettings(launcher=found.launcher, path=str(entry.path), memory_mb=memory)
-            models.append(
-                {
-                    "id": entry.id,
-                    "engine": engine_for(found.launcher, entry.kind),
-                    "launch": launch.model_dump(mode="json", exclude_defaults=True),
-                }
-            )
+            model: dict[str, Any] = {
+                "id": entry.id,
+                "engine": engine_for(found.launcher, entry.kind),
+                "launch": launch.model_dump(mode="json", exclude_defaults=True),
+            }
+            spelt = _spelling(entry)
+            if spelt is not None and spelt not in taken:
+                taken.add(spelt)
+                model["aliases"] = [spelt]
+            models.append(model)
         doc["models"] = models
         return Registry.model_validate(doc)
 
@@ -104,3 +112,10 @@ class DiscoveredModels:
                 launch.setdefault("path", str(found.model.path))
                 if found.model.memory_mb:
                     launch.setdefault("memory_mb", found.model.memory_mb)
+
+
+def _spelling(entry: DiscoveredModel) -> str | None:
+    """The entry's name as spelt on disk, if it is a valid name other than the id."""
+    name = entry.path.name
+    name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+    return name if name != entry.id and MODEL_ID.fullmatch(name) else None

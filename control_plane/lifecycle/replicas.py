@@ -39,6 +39,7 @@ class Replica:
     port: int
     engine: Engine
     state: LifecycleState = LifecycleState.LOADING
+    unhealthy_since: float | None = None  # when the manager first saw the probes' unhealthy verdict
 
     @property
     def address(self) -> str:
@@ -61,10 +62,16 @@ class ModelRuntime:
     loaded_in_s: float | None = None
     desired: int = 0  # replicas it should have (the autoscaling policy's answer while loaded)
     floor_suspended: bool = False  # unloaded by the admin API: min_replicas waits for the next load
-    scaling: bool = False  # a replica is being added or removed (one change at a time)
+    changes: int = 0  # replicas being added, removed or replaced: the scaler waits for them
+    restarts: list[float] = field(default_factory=list)  # when replicas were replaced (supervision.py)
     blocked: str | None = None  # why the last scale-up found no room (reported once)
     turn: int = 0  # round robin among equally loaded replicas for the activator
     fixed: int | None = None  # replicas set through the admin API: the policy is not asked meanwhile
+
+    @property
+    def scaling(self) -> bool:
+        """A replica change is under way: the scaler makes one at a time."""
+        return self.changes > 0
 
     @property
     def launch(self) -> LaunchSettings:

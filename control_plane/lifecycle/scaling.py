@@ -7,7 +7,8 @@ and calls `step` for every model once a tick, lifecycle/manager.py).
 - Above it, up to `max_replicas`, a `ScalingPolicy` (lifecycle/autoscale.py) reading the replicas' /metrics
   and Envoy's in flight sets the desired count once a tick; the scaler adds one replica at a time (a
   scale-up makes room only from idle, unpinned models: lifecycle/placement.py) or drains and stops one
-  (never the last ready one). One change per model at a time (`ModelRuntime.scaling`).
+  (never the last ready one). One change per model at a time (`ModelRuntime.scaling`), a replacement
+  (lifecycle/supervision.py) included.
 - The desired and per-state replica counts are exported as gauges after each tick.
 """
 
@@ -124,6 +125,7 @@ class Scaler:
             [r.address for r in ready],
             loading=len(runtime.in_state(LifecycleState.LOADING)),
             held=runtime.held,
+            gpus=runtime.launch.gpus,
         )
         desired = self._policy.desired(runtime.model.id, signals, runtime.launch)
         if desired != runtime.desired:
@@ -141,10 +143,10 @@ class Scaler:
             return
         target = min(max(runtime.desired, runtime.floor, 1), bounds(runtime.launch)[1])
         if len(runtime.active) < target:
-            runtime.scaling = True
+            runtime.changes += 1
             self._spawn(self._add_replica(runtime, target))
         elif len(runtime.active) > target and len(runtime.ready) > 1:
-            runtime.scaling = True
+            runtime.changes += 1
             self._spawn(self._scale_down(runtime, f"scaled down to {target}"))
 
     async def _add_replica(self, runtime: ModelRuntime, target: int) -> None:
@@ -171,13 +173,13 @@ class Scaler:
             log.exception("adding a replica of %s failed", model_id)
             self._event(model_id, "replica failed", str(exc)[:500])
         finally:
-            runtime.scaling = False
+            runtime.changes -= 1
 
     async def _scale_down(self, runtime: ModelRuntime, reason: str) -> None:
         try:
             await self.remove_replica(runtime, reason)
         finally:
-            runtime.scaling = False
+            runtime.changes -= 1
 
     async def remove_replica(self, runtime: ModelRuntime, reason: str) -> None:
         """Drain the least busy ready replica (taken from Envoy first), then stop it; never the last. Also

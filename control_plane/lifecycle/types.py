@@ -51,6 +51,9 @@ class LaunchSpec:
     gpus: tuple[int, ...] = ()  # accelerator indexes this replica may use
     memory_mb: int = 0  # the memory budgeted for it (the engine is told to stay within it where it can)
     extra_args: tuple[str, ...] = ()  # operator's additional command-line arguments
+    # More names the engine must answer to: the model's aliases (Envoy routes them unchanged, and engines
+    # that check `model` refuse a name they do not serve).
+    aliases: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = field(default=())
 
 

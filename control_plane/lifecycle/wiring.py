@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,9 @@ from control_plane.config.schema import ModelConfig, Registry
 from control_plane.devstack.procs import free_port
 from control_plane.http_server import EmbeddedServer, bind, embedded_server
 from control_plane.lifecycle.activator import create_activator_app, upstream_client
+from control_plane.lifecycle.autoscale import ReplicaSignalReader
 from control_plane.lifecycle.discovery import scan
+from control_plane.lifecycle.external import EndpointScaling
 from control_plane.lifecycle.launchers import SimulatorLauncher, launcher_for
 from control_plane.lifecycle.manager import Engine, LifecycleManager
 from control_plane.lifecycle.metrics import LifecycleMetrics
@@ -30,6 +33,8 @@ from control_plane.lifecycle.process import EngineProcess
 from control_plane.lifecycle.registry_layer import DiscoveredModels
 from control_plane.lifecycle.types import LaunchSpec
 from control_plane.service import ControlPlane
+from control_plane.state import Health
+from control_plane.telemetry.scraper import TelemetryScraper
 from control_plane.xds.lrs import LoadReportStore
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ def _engines(log_dir: Path) -> Any:
 class LifecycleWiring:
     discovered: DiscoveredModels
     manager: LifecycleManager
+    external: EndpointScaling
     upstream: httpx.AsyncClient
     activator_socket: socket.socket
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -73,16 +79,27 @@ class LifecycleWiring:
         discovered = DiscoveredModels(config_path.parent, scan)
         discovered.rescan(registry)
         sock = bind(activator_host, 0)
+        metrics = LifecycleMetrics.create(metrics_registry)
+        # Models with fixed endpoints: their desired replicas, for HPA / KEDA (its own scraper session).
+        external = EndpointScaling(
+            ReplicaSignalReader(TelemetryScraper(timeout_s=1.0), loads.in_flight, time.monotonic), metrics
+        )
         manager = LifecycleManager(
             publish=lambda model_id, replicas: None,  # set in start(): the plane does not exist yet
             engines=_engines(log_dir),
-            metrics=LifecycleMetrics.create(metrics_registry),
+            metrics=metrics,
             in_flight=loads.in_flight,
             issued=loads.issued_total,
             free_port=free_port,
             report_interval_s=loads.interval_s,
         )
-        return cls(discovered=discovered, manager=manager, upstream=upstream_client(), activator_socket=sock)
+        return cls(
+            discovered=discovered,
+            manager=manager,
+            external=external,
+            upstream=upstream_client(),
+            activator_socket=sock,
+        )
 
     @property
     def activator_address(self) -> tuple[str, int]:
@@ -94,6 +111,8 @@ class LifecycleWiring:
 
     async def start(self, plane: ControlPlane) -> None:
         self.manager.set_publisher(plane.set_launched)
+        # The prober's verdicts on launched replicas: one unhealthy for long enough is replaced.
+        self.manager.set_health(lambda replica_id: plane.inputs.health.get(replica_id) is Health.UNHEALTHY)
         plane.set_activator(self.activator_address)
         plane.add_registry_listener(self.manager.follow)
         await self.manager.follow(plane.registry)
@@ -103,6 +122,7 @@ class LifecycleWiring:
             asyncio.create_task(self._server.serve(sockets=[self.activator_socket])),
             asyncio.create_task(self.manager.run()),
             asyncio.create_task(self._scan_loop(plane)),
+            asyncio.create_task(self._external_loop(plane)),
         ]
         self._plane = plane
 
@@ -122,8 +142,23 @@ class LifecycleWiring:
             except Exception:  # a refused layer (e.g. a name clash) keeps the running config
                 log.exception("rescanning the model directories failed")
 
+    async def _external_loop(self, plane: ControlPlane, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.external.tick(plane.registry, plane.state)
+            except Exception:  # the loop must outlive a bug in one pass
+                log.exception("computing the desired replicas of models with endpoints failed")
+
     def register_routes(self, app: FastAPI, dependencies: Sequence[Depends]) -> None:
-        register_lifecycle_routes(app, self.manager, self.discovered, self.rescan, dependencies=dependencies)
+        register_lifecycle_routes(
+            app,
+            self.manager,
+            self.discovered,
+            self.rescan,
+            dependencies=dependencies,
+            endpoint_models=lambda: self.external.overview(self._plane.registry),
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -131,6 +166,7 @@ class LifecycleWiring:
         for task in self._tasks[1:]:
             task.cancel()
         await self.manager.close()
+        await self.external.close()
         if self._tasks:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._tasks[0], 5)

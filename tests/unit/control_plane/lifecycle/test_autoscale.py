@@ -189,7 +189,9 @@ class FixedPolicy:
 
 
 class NoSignals(ReplicaSignalReader):
-    async def read(self, engine: str, addresses: Sequence[str], loading: int, held: int) -> ScalingSignals:
+    async def read(
+        self, engine: str, addresses: Sequence[str], loading: int, held: int, gpus: Sequence[int] = ()
+    ) -> ScalingSignals:
         return ScalingSignals(at=time.monotonic(), ready=len(addresses), loading=loading)
 
 

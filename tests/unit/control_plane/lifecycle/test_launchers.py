@@ -228,3 +228,17 @@ def test_unknown_placeholder_is_a_launcher_error() -> None:
 
     with pytest.raises(LauncherError, match=r"unknown placeholder \{no_such_field\}"):
         Broken().command(spec(path=None))
+
+
+def test_aliases_are_names_the_engine_answers_to() -> None:
+    named = spec(aliases=("Qwen2-7B-Instruct", "qwen"), extra_args=("--x",))
+    simulator = SimulatorLauncher().command(named)
+    assert simulator[-5:] == ["--served-name", "Qwen2-7B-Instruct", "--served-name", "qwen", "--x"]
+    vllm = launcher_for("vllm").command(named)
+    at = vllm.index("--served-model-name")
+    assert vllm[at : at + 4] == ["--served-model-name", "Qwen/Qwen2-7B-Instruct", "Qwen2-7B-Instruct", "qwen"]
+    assert "--served-model-name" not in vllm[at + 1 :]
+    # TGI, TEI and llama.cpp do not refuse a `model` they were not told: nothing to add.
+    for name in ("tgi", "llamacpp"):
+        assert launcher_for(name).command(named) == launcher_for(name).command(spec(extra_args=("--x",)))
+    assert "--served-name" not in SimulatorLauncher().command(spec())
