@@ -1,8 +1,9 @@
 """API keys in the profile benchmark (bench_profile.py, rows 4d-4f): what ``auth.mode: api_key`` costs Envoy.
 
 - ``bench_keys``: a table of hashed keys (as the control plane gives Envoy) and one key a client sends;
-- ``inline_key_filter``: the listener's key check, which the control plane delivers over ECDS, rendered
-  inline instead (a static bootstrap has no ECDS): the same Lua code and key table (builders/keys.py);
+- ``inline_key_filter``: the listener's key check and the keys' live state, which the control plane
+  delivers over ECDS, rendered inline instead (a static bootstrap has no ECDS): the same Lua code, key
+  table and live table (builders/keys.py, builders/live.py);
 - ``control_plane_cluster``: the bootstrap's ``xds_cluster`` (the control plane's address), for the
   access-log stream and the quota server (RLQS) the keyed listener talks to;
 - ``GrpcSink``: a small stand-in for those two services of the control plane, in a thread of this process:
@@ -37,6 +38,7 @@ from control_plane.tenancy.quota import QuotaServicer, add_quota_servicer
 from control_plane.xds.als import AccessLogServicer, add_als_servicer
 from control_plane.xds.builders.access_log import CONTROL_PLANE_CLUSTER
 from control_plane.xds.builders.keys import KEY_FILTER_NAME, build_key_extension
+from control_plane.xds.builders.live import LIVE_FILTER_NAME, LiveEntry, build_live_extension
 from control_plane.xds.builders.usage import TOKEN_USAGE_NAMESPACE
 from loadtest._common import fmt_ms, markdown_table
 
@@ -66,16 +68,21 @@ def bench_keys(count: int = KEY_COUNT, seed: int = 7) -> tuple[str, tuple[KeyEnt
 
 
 def inline_key_filter(listener: dict[str, Any], state: GatewayState) -> None:
-    """Replace the listener's ECDS reference to the key check (``config_discovery``) by the resource the
-    control plane would push for ``state`` (its ``typed_config``), in place."""
-    extension = json_format.MessageToDict(build_key_extension(state), preserving_proto_field_name=True)
+    """Replace the listener's ECDS references to the key check and the keys' live state
+    (``config_discovery``) by the resources the control plane would push for ``state`` (``typed_config``),
+    in place. The live table holds a row for every key, as if all had been used in the last minute."""
+    live = tuple(LiveEntry(e.id, requests=1, requests_reset_at=1, in_flight=0) for e in state.keys)
+    inlined = {KEY_FILTER_NAME: build_key_extension(state), LIVE_FILTER_NAME: build_live_extension(live)}
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     for flt in manager["http_filters"]:
-        if flt["name"] == KEY_FILTER_NAME:
+        extension = inlined.pop(flt["name"], None)
+        if extension is not None:
             flt.pop("config_discovery")
-            flt["typed_config"] = extension["typed_config"]
-            return
-    raise ValueError(f"no {KEY_FILTER_NAME} filter in the listener")
+            flt["typed_config"] = json_format.MessageToDict(extension, preserving_proto_field_name=True)[
+                "typed_config"
+            ]
+    if inlined:
+        raise ValueError(f"no {', '.join(inlined)} filter in the listener")
 
 
 def control_plane_cluster(port: int) -> dict[str, Any]:

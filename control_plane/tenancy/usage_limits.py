@@ -155,6 +155,10 @@ class TokenLimits:
                 return Wanted(TPM_CODE, until)
         return None
 
+    def recent(self) -> Iterable[str]:
+        """The keys with tokens in the window (or expired but not yet dropped from it)."""
+        return tuple(self._window)
+
     def known(self) -> Iterable[str]:
         return set(self._window) | set(self._days)
 

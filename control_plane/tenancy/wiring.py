@@ -19,6 +19,8 @@ from control_plane.metrics import ControlPlaneMetrics
 from control_plane.service import ControlPlane
 from control_plane.store.overlay import AdminStore
 from control_plane.tenancy.keys import ApiKey
+from control_plane.tenancy.live import LiveState
+from control_plane.tenancy.live_server import LiveConfigServicer, add_live_servicer
 from control_plane.tenancy.publish import KeyPublisher
 from control_plane.tenancy.quota import QuotaServicer, UnknownKey, add_quota_servicer
 from control_plane.tenancy.service import KeyListener, KeyService
@@ -38,12 +40,15 @@ class TenancyWiring:
     usage_store: SqliteUsageStore
     usage: UsageAccounting
     usage_settings: UsageSettings
+    live: LiveState
+    live_server: LiveConfigServicer
     key_listeners: tuple[KeyListener, ...] = ()
 
     @property
     def sinks(self) -> tuple[EntrySink, ...]:
-        """For the access-log servicer: the usage accounting counts the keyed entries."""
-        return (self.usage,)
+        """For the access-log servicer: the usage accounting counts the keyed entries; the live state
+        (remaining limits, requests in flight) takes the periodic ones too."""
+        return (self.usage, self.live)
 
     @classmethod
     def create(
@@ -85,7 +90,13 @@ class TenancyWiring:
         usage_store = SqliteUsageStore(state_db)
         usage = UsageAccounting(usage_store, metrics, plane.registry, publisher, usage_settings)
 
-        key_listeners = (publisher.keys_changed, limits_follow_keys, usage.keys_changed)
+        # The keys' live state (what each active key used lately, its requests in flight), on its own
+        # ECDS stream: never with the key table, never through the listener.
+        live_server = LiveConfigServicer(authenticator=authenticator)
+        add_live_servicer(grpc_server, live_server)
+        live = LiveState(publisher, usage.limits, live_server.publish)
+
+        key_listeners = (publisher.keys_changed, limits_follow_keys, usage.keys_changed, live.keys_changed)
         for listener in key_listeners:
             keys.add_listener(listener)
         plane.add_registry_listener(keys.follow)
@@ -98,6 +109,8 @@ class TenancyWiring:
             usage_store=usage_store,
             usage=usage,
             usage_settings=usage_settings,
+            live=live,
+            live_server=live_server,
             key_listeners=key_listeners,
         )
 
@@ -106,6 +119,7 @@ class TenancyWiring:
         budgets used up before a restart refused again), and start storing usage."""
         await self.keys.follow(plane.registry)  # the first call announces the table to every listener
         self.usage.start()
+        self.live.start()
 
     def register_routes(self, app: FastAPI, dependencies: Sequence[Depends]) -> None:
         # Usage first: the key routes' `/admin/keys/{id:path}` would take `/admin/keys/{id}/usage`.
@@ -120,6 +134,7 @@ class TenancyWiring:
 
     def close(self) -> None:
         """At shutdown, after the gRPC server stopped: the usage not yet stored is stored."""
+        self.live.stop()
         try:
             self.usage.stop()
         finally:

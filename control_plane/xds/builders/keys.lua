@@ -76,7 +76,7 @@ for hx, id, name, prio, models, expires, denied, denied_until, rpm, tpm in strin
     for m in string.gmatch(models, "[^,]+") do allowed[m] = true end
   end
   local meta = { key_id = id, key_name = name, priority = prio }
-  -- The limits, for OpenAI's x-ratelimit-limit-* answer headers (envoy_on_response).
+  -- The limits, for OpenAI's x-ratelimit-* answer headers (live.lua).
   if rpm ~= "0" then meta.rpm = rpm end
   if tpm ~= "0" then meta.tpm = tpm end
   KEYS[hx] = { id = id, name = name, priority = prio, models = allowed, expires = tonumber(expires),
@@ -147,15 +147,8 @@ local function check(handle)
   headers:replace("x-gateway-key-id", record.id)
 end
 
--- OpenAI's limit headers on every answer to a key with limits. (How many remain is known to no Envoy
--- alone: the limits hold across all of them.)
-function envoy_on_response(handle)
-  local gateway = handle:streamInfo():dynamicMetadata():get("gateway")
-  local key = gateway and gateway.key
-  if not key then return end
-  if key.rpm then handle:headers():replace("x-ratelimit-limit-requests", key.rpm) end
-  if key.tpm then handle:headers():replace("x-ratelimit-limit-tokens", key.tpm) end
-end
+-- OpenAI's x-ratelimit-* answer headers are the live-state filter's (live.lua, behind this one): it knows
+-- how many remain across every Envoy. This filter has no response hook, so answers do not enter it.
 
 -- Envoy lets a request through when its Lua code fails at run time: fail closed instead.
 function envoy_on_request(handle)
