@@ -25,6 +25,7 @@ from control_plane.http_server import bind, embedded_server
 from control_plane.lifecycle.wiring import LifecycleWiring
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.observability.file_sd import FileSdWriter
+from control_plane.overload.wiring import OverloadWiring
 from control_plane.runtime import EndpointGauges, HealthWiring, TelemetryWiring
 from control_plane.service import ControlPlane
 from control_plane.store.overlay import AdminStore
@@ -112,6 +113,10 @@ async def serve(settings: ServeSettings) -> None:
         plane.add_registry_listener(write_targets)
         plane.add_launched_listener(write_launched_targets)
     telemetry = TelemetryWiring.create(plane)
+    # Saturation from telemetry → priority shedding and fallback switches; their counters and gauges.
+    overload = OverloadWiring(plane, metrics.registry)
+    if telemetry is not None:
+        telemetry.listeners.append(overload.on_signals)
 
     grpc_server, xds_port = create_grpc_server(
         AdsServicer(cache, plane, metrics, xds_auth), f"{settings.xds_host}:{settings.xds_port}"
@@ -131,7 +136,9 @@ async def serve(settings: ServeSettings) -> None:
     )
     add_als_servicer(
         grpc_server,
-        AccessLogServicer([local_replies, generate_calls, *tenancy.sinks], authenticator=xds_auth),
+        AccessLogServicer(
+            [local_replies, generate_calls, overload.counters, *tenancy.sinks], authenticator=xds_auth
+        ),
     )
     observers = Observers(
         prober=health.prober,

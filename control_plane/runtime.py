@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -164,6 +164,8 @@ class TelemetryWiring:
     ) -> None:
         self._plane = plane
         self._controller = controller
+        # Others fed by every round's signals (the overload wiring's saturation decision).
+        self.listeners: list[Callable[[dict[str, EndpointSignals]], None]] = []
         self.collector = TelemetryCollector(
             scraper,
             # Read every round: launched replicas come and go between rounds.
@@ -191,6 +193,8 @@ class TelemetryWiring:
         return cls(plane, TelemetryScraper(load_metric_map(None), timeout_s=settings.timeout_s), controller)
 
     def on_update(self, latest: dict[str, EndpointSignals]) -> None:
+        for listener in self.listeners:
+            listener(latest)
         if self._controller is None:
             return
         registry = self._plane.registry

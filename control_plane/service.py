@@ -23,6 +23,7 @@ from google.protobuf import json_format
 from control_plane.config.schema import Registry
 from control_plane.errors import ConfigError, RejectedChangeError
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.overload.publish import overload_changes
 from control_plane.state import (
     EndpointState,
     GatewayState,
@@ -356,8 +357,18 @@ class ControlPlane:
                 changed[node] = frozenset({EXTENSION_CONFIG})
             return await self.wait_synced(changed=changed)
 
+    def set_saturation(self, levels: dict[str, int]) -> None:
+        """Saturated models changed (control_plane/overload): if the models to shed or the fallback
+        switches changed, the routes (RDS) are pushed with the endpoints."""
+        levels = {m: level for m, level in levels.items() if level > 0}
+        if levels == self._inputs.saturation:
+            return
+        self._inputs.saturation = levels
+        self._republish()
+
     def _republish(self) -> None:
-        """Health and weights changed: only endpoint assignments differ, so only EDS is rebuilt."""
+        """Health and weights changed: only endpoint assignments differ, so only EDS is rebuilt (and the
+        routes when the models to shed or a fallback switch changed: overload/publish.py)."""
         # Addresses were resolved when the registry was applied; reuse them instead of resolving again.
         addresses = {e.id: e.address for m in self._state.models for e in m.endpoints}
         state = build_state(self.registry, self._resolver, self._inputs, addresses)
@@ -371,6 +382,7 @@ class ControlPlane:
                 self._assignments[model.id] = cached
             assignments[cached[1].cluster_name] = cached[1]
         version = content_version(assignments)  # once, not per node
+        extra = overload_changes(self._state, state)
         snapshots: dict[str, Snapshot] = {}
         replaced: dict[int, Snapshot] = {}  # nodes that shared a snapshot share the new one (and its packing)
         for node, params in self._nodes.items():
@@ -380,6 +392,8 @@ class ControlPlane:
                 continue
             if id(current) not in replaced:
                 replaced[id(current)] = current.replacing(ENDPOINT, assignments, version)
+                for type_url, (resources, type_version) in extra.items():
+                    replaced[id(current)] = replaced[id(current)].replacing(type_url, resources, type_version)
             snapshots[node] = replaced[id(current)]
         self._metrics.snapshot_build_seconds.observe(time.perf_counter() - started)
         self._state = state

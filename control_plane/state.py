@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from control_plane.config.overload import OverloadSettings
 from control_plane.config.schema import GatewaySettings, ModelConfig, Registry
 from control_plane.errors import ResolutionError
+from control_plane.overload.fallback import choose_fallbacks
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,11 @@ class GatewayState:
     models: tuple[ModelState, ...] = ()
     auth_mode: str = "none"  # the registry's auth.mode: "api_key" puts the key check in every Envoy
     keys: tuple[KeyEntry, ...] = ()  # the keys Envoy accepts (with auth_mode "api_key")
+    overload: OverloadSettings = field(default_factory=OverloadSettings)  # priority and shedding settings
+    # Saturated models (level 1: shed low priority, 2: default too) and the models routed to a fallback
+    # now (model id, fallback id), from control_plane/overload. Both reach Envoy in the routes (RDS).
+    saturation: tuple[tuple[str, int], ...] = ()
+    fallbacks: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,7 @@ class StateInputs:
     # and where requests for one with none ready go meanwhile: the activator, which holds them.
     launched: dict[str, tuple[LaunchedReplica, ...]] = field(default_factory=dict)
     activator: tuple[str, int] | None = None
+    saturation: dict[str, int] = field(default_factory=dict)  # model id → level > 0 (control_plane/overload)
 
     def endpoint_health(self, model_id: str, endpoint_id: str) -> Health:
         if endpoint_id in self.draining_endpoints or model_id in self.draining_models:
@@ -205,6 +213,13 @@ def build_state(
         models.append(
             ModelState(config=model, endpoints=tuple(endpoints), draining=model.id in inputs.draining_models)
         )
+    saturation = {m: level for m, level in inputs.saturation.items() if level > 0}
     return GatewayState(
-        settings=registry.gateway, models=tuple(models), auth_mode=registry.auth.mode, keys=inputs.keys
+        settings=registry.gateway,
+        models=tuple(models),
+        auth_mode=registry.auth.mode,
+        keys=inputs.keys,
+        overload=registry.overload,
+        saturation=tuple(sorted(saturation.items())),
+        fallbacks=choose_fallbacks(models, saturation),
     )

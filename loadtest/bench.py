@@ -13,8 +13,13 @@ Sections, in this order (each starts and stops its own processes, on loopback po
                    (``BENCH_PROFILE_ONLY=bare,gateway,...`` in the environment: only those Envoy rows)
 - ``balancing``    ``loadtest.bench_balancing`` with short arguments (full run only)
 - ``activation``   a launched model: cold-request overhead beyond the engine's own load; warm path (wrk)
+- ``prefix``       ``loadtest.bench_prefix``: multi-turn chat on 4 replicas with prefix caches, round robin vs
+                   least request vs prefix affinity, and one hot prefix (quick: least request vs prefix
+                   affinity only)
+- ``priority``     ``loadtest.bench_priority``: a high-priority stream's TTFT while low priority overloads
+                   two replicas: shedding with a reserve for high, shedding alone, neither
 
-The full run takes about 7 minutes on 2 cores, ``--quick`` about 2. Prints markdown and writes every
+The full run takes about 10 minutes on 2 cores, ``--quick`` about 3. Prints markdown and writes every
 figure as JSON to ``loadtest/results/bench-<UTC time>.json`` (git-ignored). A benchmark, not a test:
 nothing here asserts on timings; a section that fails is reported and the others still run.
 """
@@ -43,6 +48,8 @@ from loadtest import (
     bench_convergence,
     bench_failover,
     bench_overhead,
+    bench_prefix,
+    bench_priority,
     bench_profile,
     bench_scale,
     bench_streaming,
@@ -58,6 +65,8 @@ SECTIONS = (
     "profile",
     "balancing",
     "activation",
+    "prefix",
+    "priority",
 )
 QUICK_SKIPS = ("balancing",)
 
@@ -156,6 +165,18 @@ def _activation(quick: bool) -> SectionResult:
     return bench_activation.run(bench_activation.ActivationSettings())
 
 
+def _prefix(quick: bool) -> SectionResult:
+    if quick:
+        return bench_prefix.run(skewed=False, policies=("lr", "pa"))
+    return bench_prefix.run()
+
+
+def _priority(quick: bool) -> SectionResult:
+    if quick:
+        return bench_priority.run(bench_priority.PrioritySettings(duration_s=8.0, warmup_s=3.0))
+    return bench_priority.run(bench_priority.PrioritySettings())
+
+
 RUNNERS: dict[str, Callable[[bool], SectionResult]] = {
     "overhead": _overhead,
     "streaming": _streaming,
@@ -165,6 +186,8 @@ RUNNERS: dict[str, Callable[[bool], SectionResult]] = {
     "profile": _profile,
     "balancing": _balancing,
     "activation": _activation,
+    "priority": _priority,
+    "prefix": _prefix,
 }
 
 
@@ -176,7 +199,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m loadtest.bench",
         description="The gateway's benchmark suite: overhead, streaming, failover, convergence, "
-        "control-plane scale, profile, balancing and model activation, in one run.",
+        "control-plane scale, profile, balancing, model activation and prefix affinity, in one run.",
     )
     p.add_argument("--quick", action="store_true", help="short runs, no balancing section (about 2 minutes)")
     p.add_argument("--only", default="", help=f"comma-separated sections among {', '.join(SECTIONS)}")

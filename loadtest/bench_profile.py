@@ -15,10 +15,12 @@ request shows on its own:
    per-name ``GET /v1/models/{name}`` routes, with those matched on the path alone, and with the 400
    ``missing-model`` route moved up.
 
-Rows 4a-4c take one part out of row 4; rows 4d-4f add API keys (``auth.mode: api_key``, 1000 keys, a valid
-key on every request; profile_keys.py): the key check alone, then the token usage (ai_protocol_manager,
-max_tokens rules, an access-log stream entry per request), then the request quota (RLQS): row 4f is the
-keyed listener as the control plane renders it, its key table inlined (no ECDS in a static bootstrap).
+Rows 4a-4c take one part out of row 4; row 4g makes the model prefix-affine (the prefix-key Lua filter
+on its route, Maglev with bounded load on its cluster); rows 4d-4f add API keys (``auth.mode: api_key``,
+1000 keys, a valid key on every request; profile_keys.py): the key check alone, then the token usage
+(ai_protocol_manager, max_tokens rules, an access-log stream entry per request), then the request quota
+(RLQS): row 4f is the keyed listener as the control plane renders it, its key table inlined (no ECDS in
+a static bootstrap).
 
 Each runs at concurrency 1 (latency) and at a concurrency that saturates the one Envoy worker
 (throughput and Envoy CPU per request). **Control plane.** cProfile of ``build_snapshot`` on a
@@ -175,6 +177,13 @@ def one_model_doc(upstream_port: int) -> dict[str, Any]:
             }
         ]
     }
+
+
+def prefix_model_doc(upstream_port: int) -> dict[str, Any]:
+    """Row 4's registry with the model prefix-affine (row 4g)."""
+    doc = one_model_doc(upstream_port)
+    doc["models"][0]["load_balancing"] = "prefix_affinity"
+    return doc
 
 
 def many_models_doc(upstream_port: int, count: int) -> dict[str, Any]:
@@ -390,6 +399,11 @@ def variants(upstream_port: int, settings: ProfileSettings, control_plane_port: 
             keyed(),
             headers=key_header,
             reports=("usage", "quota"),
+        ),
+        Variant(
+            "gateway-prefix",
+            "4g. as 4, the model with `load_balancing: prefix_affinity` (Lua key of the body, Maglev)",
+            lambda lp, ap: static_gateway_bootstrap(prefix_model_doc(upstream_port), lp, ap)[0],
         ),
         Variant("some-last", f"5. the same, {some} models, request for the last", gateway(some)),
         Variant("many-last", f"6. the same, {many} models, request for the last", gateway(many)),

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=32768, help="context window in tokens")
     p.add_argument("--kv-cache-tokens", type=int, default=65536, help="fake KV-cache capacity in tokens")
     p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=65536,
+        help="prefix cache capacity in tokens (cached prompt blocks skip their prefill); 0 turns it off",
+    )
+    p.add_argument(
         "--load-time-s",
         type=float,
         default=0.0,
@@ -87,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         seed=args.seed,
         max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens,
+        prefix_cache_tokens=args.prefix_cache_tokens,
         load_time_s=args.load_time_s,
         gpu=gpu_settings(args.memory_mb),
     )

@@ -103,6 +103,9 @@ class SimConfig:
     """Context window in tokens (prompt + completion)."""
     kv_cache_tokens: int = 65536
     """Fake KV-cache capacity in tokens; cache usage = tokens of running requests / this."""
+    prefix_cache_tokens: int = 65536
+    """Capacity of the replica's prefix cache in tokens (``prefix_cache.PrefixCache``); 0 turns it off.
+    Real engines cache prefixes in the KV pool's free blocks, on by default (vLLM v1, SGLang)."""
     embedding_dim: int = 384
     gpu: GpuSettings = field(default_factory=GpuSettings)
     load_time_s: float = 0.0
@@ -127,6 +130,8 @@ class SimConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.kv_cache_tokens < 1:
             raise ValueError("kv_cache_tokens must be >= 1")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError("prefix_cache_tokens must be >= 0")
         if self.embedding_dim < 1:
             raise ValueError("embedding_dim must be >= 1")
         if self.load_time_s < 0:

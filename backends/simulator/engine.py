@@ -2,7 +2,9 @@
 
 At most ``max_batch`` requests run at once; more wait in a FIFO queue of at most ``max_queue``
 (beyond it ``Overloaded`` is raised). An admitted request first pays its prefill,
-``prefill_base_ms + prefill_per_token_ms * prompt_tokens``, which produces the first token; each further
+``prefill_base_ms + prefill_per_token_ms * uncached prompt tokens``, which produces the first token (the
+prompt's leading blocks found in the replica's prefix cache, ``prefix_cache.PrefixCache``, are not
+computed again; the prompt's blocks are cached once its prefill is done); each further
 token takes one decode step of ``decode_ms_per_token * (1 + 0.02 * (running - 1))``. Both are
 multiplied by the live ``slowdown`` knob. Waiting is done with asyncio sleeps against deadlines, so
 sleep overshoot does not accumulate.
@@ -26,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .config import PROFILES, LatencySettings, SimConfig, profile_settings
+from .prefix_cache import PrefixCache
 from .stats import EngineStats
 from .tokens import Token, generate_tokens
 
@@ -59,6 +62,8 @@ class Job:
     (``stop``, as if the model emitted EOS); otherwise as ``length``."""
     seed: int = 0
     """Seeds the generated text."""
+    prefix_blocks: tuple[bytes, ...] = ()
+    """The prompt's chained block hashes (``prefix_cache.block_hashes``); empty: nothing cacheable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,14 +124,20 @@ class Generation:
         await self._admitted.wait()
         assert self.admitted_at is not None
         latency = engine.knobs.latency
+        cached = (
+            engine.prefix_cache.lookup(self.job.prefix_blocks, self.job.prompt_tokens)
+            if engine.config.engine.generates
+            else 0
+        )
         prefill = (
-            (latency.prefill_base_ms + latency.prefill_per_token_ms * self.job.prompt_tokens)
+            (latency.prefill_base_ms + latency.prefill_per_token_ms * (self.job.prompt_tokens - cached))
             * engine.knobs.slowdown
             / 1000.0
         )
         deadline = self.admitted_at + prefill
         await engine.sleep_until(deadline)
         prefilled_at = engine.now()
+        engine.prefix_cache.insert(self.job.prefix_blocks)
         engine.stats.prompt_tokens += self.job.prompt_tokens
         first_token_at = prefilled_at
         texts = generate_tokens(self.job.seed)
@@ -173,6 +184,7 @@ class Engine:
             max_queue=config.max_queue,
         )
         self.stats = EngineStats()
+        self.prefix_cache = PrefixCache(config.prefix_cache_tokens)
         self._rng = random.Random(config.seed)
         self._waiting: deque[Generation] = deque()
         self._running: set[Generation] = set()
@@ -408,6 +420,9 @@ class Engine:
             "failures": dict(stats.failures),
             "prompt_tokens": stats.prompt_tokens,
             "generation_tokens": stats.generation_tokens,
+            "prefix_cache_tokens": self.prefix_cache.used_tokens,
+            "prefix_cache_queries": self.prefix_cache.queries,
+            "prefix_cache_hits": self.prefix_cache.hits,
         }
 
 

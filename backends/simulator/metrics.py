@@ -80,6 +80,18 @@ def _vllm(w: MetricsWriter, engine: Engine) -> None:
     usage = engine.kv_cache_usage
     w.gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", [(labels, usage)])
     w.gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.", [(labels, usage)])
+    # vLLM v1's prefix-cache counters, in tokens (hit rate = hits / queries over a window).
+    cache = engine.prefix_cache
+    w.counter(
+        "vllm:prefix_cache_queries_total",
+        "Prefix cache queries, in terms of number of queried tokens.",
+        [(labels, cache.queries)],
+    )
+    w.counter(
+        "vllm:prefix_cache_hits_total",
+        "Prefix cache hits, in terms of number of cached tokens.",
+        [(labels, cache.hits)],
+    )
     w.counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", [(labels, s.prompt_tokens)])
     w.counter(
         "vllm:generation_tokens_total",
@@ -133,6 +145,7 @@ def _sglang(w: MetricsWriter, engine: Engine) -> None:
         "sglang:num_queue_reqs", "The number of requests in the waiting queue.", [(labels, engine.queue_size)]
     )
     w.gauge("sglang:token_usage", "The token usage.", [(labels, engine.kv_cache_usage)])
+    w.gauge("sglang:cache_hit_rate", "The prefix cache hit rate.", [(labels, engine.prefix_cache.hit_rate)])
     w.counter(
         "sglang:prompt_tokens_total", "Number of prefill tokens processed.", [(labels, s.prompt_tokens)]
     )

@@ -24,6 +24,7 @@ from .context import (
 )
 from .engine import EngineError, Generation, Job, Outcome
 from .errors import ApiError, ErrorStyle
+from .prefix_cache import prompt_blocks
 from .sse import open_event_stream, send_event
 from .tokens import chat_prompt_text, count_chat_tokens, count_text_tokens, stable_seed
 
@@ -80,7 +81,12 @@ def _parse_common(body: dict[str, Any], ctx: ServerContext, options: OpenAIOptio
 
 
 def _make_job(
-    ctx: ServerContext, prompt_tokens: int, max_tokens: int | None, seed_parts: tuple[object, ...], what: str
+    ctx: ServerContext,
+    prompt_tokens: int,
+    max_tokens: int | None,
+    seed_parts: tuple[object, ...],
+    what: str,
+    prompt_text: str,
 ) -> Job:
     limit = ctx.config.max_model_len
     requested = max_tokens is not None
@@ -105,6 +111,7 @@ def _make_job(
         max_tokens=max_tokens,
         limit_requested=requested,
         seed=stable_seed(ctx.config.seed, *seed_parts),
+        prefix_blocks=prompt_blocks(ctx.config.prefix_cache_tokens, prompt_text),
     )
 
 
@@ -116,12 +123,16 @@ def parse_chat(body: dict[str, Any], ctx: ServerContext, options: OpenAIOptions)
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise ApiError(400, "each message must be an object with a string `role`")
     common = _parse_common(body, ctx, options)
+    # The rendered conversation: a later turn (history resent) starts with an earlier turn's text, so
+    # their prefix-cache blocks are shared.
+    text = chat_prompt_text(messages)
     job = _make_job(
         ctx,
         count_chat_tokens(messages),
         common["max_tokens"],
-        ("chat", chat_prompt_text(messages), common["seed"]),
+        ("chat", text, common["seed"]),
         "messages",
+        text,
     )
     return OpenAIRequest("chat", job, common["stream"], common["include_usage"])
 
@@ -146,7 +157,12 @@ def parse_completion(body: dict[str, Any], ctx: ServerContext, options: OpenAIOp
         raise ApiError(400, "`prompt` must not be empty")
     common = _parse_common(body, ctx, options)
     job = _make_job(
-        ctx, prompt_tokens, common["max_tokens"], ("completion", prompt_text, common["seed"]), "prompt"
+        ctx,
+        prompt_tokens,
+        common["max_tokens"],
+        ("completion", prompt_text, common["seed"]),
+        "prompt",
+        prompt_text,
     )
     return OpenAIRequest("completion", job, common["stream"], common["include_usage"])
 

@@ -20,6 +20,7 @@ from .context import (
 )
 from .engine import EngineError, Generation, Job, Outcome
 from .errors import ApiError
+from .prefix_cache import prompt_blocks
 from .sse import open_event_stream, send_event
 from .tokens import Token, count_text_tokens, stable_seed
 
@@ -76,6 +77,7 @@ def parse_generate(body: dict[str, Any], ctx: ServerContext) -> GenerateRequest:
         max_tokens=max_new_tokens,
         limit_requested=requested,
         seed=stable_seed(ctx.config.seed, "generate", inputs, seed),
+        prefix_blocks=prompt_blocks(ctx.config.prefix_cache_tokens, inputs),
     )
     return GenerateRequest(
         inputs=inputs,

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from control_plane.config.auth import AuthSettings
 from control_plane.config.cluster_overrides import check_cluster_overrides
-from control_plane.config.lifecycle import LaunchSettings, LifecycleSettings
+from control_plane.config.lifecycle import LaunchSettings, LifecycleSettings, ScalingSettings
 from control_plane.config.names import (
     ENDPOINT_ID,
     ENDPOINT_ID_RULE,
@@ -27,6 +27,7 @@ from control_plane.config.names import (
     check_url_text,
     default_endpoint_id,
 )
+from control_plane.config.overload import ModelOverload, OverloadSettings, fallback_problems
 from control_plane.config.scenarios import Scenario, Scenarios, effective_scenarios
 
 
@@ -223,10 +224,20 @@ class ModelConfig(_Frozen):
     aliases: tuple[str, ...] = ()
     engine: EngineKind
     enabled: bool = True
-    load_balancing: Literal["least_request", "round_robin"] = Field(
+    load_balancing: Literal["least_request", "round_robin", "prefix_affinity"] = Field(
         default="least_request",
         description="least_request: the replica with the fewest requests in flight (all are compared; "
-        "EDS weights scale it); round_robin: in turn.",
+        "EDS weights scale it); round_robin: in turn; prefix_affinity: requests sharing a prompt prefix "
+        "(a conversation, or an explicit `user` / x-session-id hint) go to the same replica, whose prefix "
+        "cache holds it, within a bound on load (docs/balancing.md#prefix-affinity).",
+    )
+    prefix_load_bound_percent: int = Field(
+        default=125,
+        ge=100,
+        le=1000,
+        description="prefix_affinity: a replica with more requests in flight than this % of the mean is "
+        "passed over (Envoy's hash_balance_factor); lower spreads load more evenly, higher keeps more "
+        "requests on their prefix's replica.",
     )
     owned_by: str = "llm-gateway"
     served_model: str | None = Field(
@@ -246,6 +257,12 @@ class ModelConfig(_Frozen):
         description="Engines the control plane starts on demand instead of fixed endpoints "
         "(docs/lifecycle.md).",
     )
+    scaling: ScalingSettings | None = Field(
+        default=None,
+        description="For fixed endpoints that Kubernetes HPA or KEDA scales: bounds and targets of the "
+        "exported llm_gateway_model_desired_replicas (docs/lifecycle.md). A launched model sets them in "
+        "`launch`.",
+    )
     limits: ModelLimits = ModelLimits()
     retry: RetryPolicy = RetryPolicy()
     outlier_detection: OutlierDetection = OutlierDetection()
@@ -253,6 +270,14 @@ class ModelConfig(_Frozen):
         default_factory=dict,
         description="Raw Envoy Cluster fields (snake_case names, as in Envoy's YAML) merged over the "
         "generated cluster; an escape hatch for settings the registry does not model.",
+    )
+    fallbacks: tuple[str, ...] = Field(
+        default=(),
+        description="Models (ids or aliases) that serve this one's requests, the first available first, "
+        "while it has no healthy replica or is saturated (docs/balancing.md, Fallback models).",
+    )
+    overload: ModelOverload | None = Field(
+        default=None, description="This model's saturation thresholds, over the registry's `overload`."
     )
 
     @field_validator("id")
@@ -279,6 +304,8 @@ class ModelConfig(_Frozen):
     def _launched_or_listed(self) -> ModelConfig:
         if self.launch is not None and self.endpoints:
             raise ValueError("a model with `launch` has no `endpoints`: its replicas are engines it starts")
+        if self.launch is not None and self.scaling is not None:
+            raise ValueError("a model with `launch` sets its replicas there, not in `scaling`")
         return self
 
     @field_validator("cluster_overrides")
@@ -394,6 +421,10 @@ class Registry(_Frozen):
         description="/v1/generate prompt templates by name, added to (or replacing) the defaults qa, "
         "summarize and rewrite; see docs/api.md.",
     )
+    overload: OverloadSettings = Field(
+        default=OverloadSettings(),
+        description="Priority classes and shedding of saturated models (docs/balancing.md).",
+    )
     models: tuple[ModelConfig, ...] = ()
 
     @model_validator(mode="after")
@@ -427,6 +458,13 @@ class Registry(_Frozen):
                     )
                 else:
                     seen_endpoints[endpoint_id] = where
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _check_fallbacks(self) -> Registry:
+        problems = fallback_problems(self.models)
         if problems:
             raise ValueError("\n".join(problems))
         return self

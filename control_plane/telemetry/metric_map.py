@@ -5,7 +5,10 @@ present in the exposition wins, e.g. vLLM's ``vllm:kv_cache_usage_perc`` and the
 ``vllm:gpu_cache_usage_perc``), how several samples of that metric are combined (``sum``, ``mean``,
 ``max``, ``min``: several GPUs, several ``model_name`` or ``engine`` labels) and a ``scale`` factor to the
 signal's unit (DCGM's percent → 0..1, MiB → bytes). Histogram signals name histograms whose ``_sum`` and
-``_count`` give mean latencies between two scrapes. The ``gpu`` section is read for every engine (from
+``_count`` give mean latencies between two scrapes. ``prefix_cache_hit_rate`` is either a gauge (SGLang's
+``sglang:cache_hit_rate``) or a ratio of two counters, ``{hits: [names], queries: [names]}`` (vLLM's
+``vllm:prefix_cache_hits_total`` / ``vllm:prefix_cache_queries_total``), read as Δhits / Δqueries between
+two scrapes. The ``gpu`` section is read for every engine (from
 the server's own /metrics or from a separate DCGM exporter).
 
 A signal given as a bare list of names is ``{metrics: [names]}``; a gauge signal without ``aggregate``
@@ -36,6 +39,7 @@ PACKAGED_MAP = "metric_map.yaml"
 Aggregate = Literal["sum", "mean", "max", "min"]
 
 GAUGE_SIGNALS = ("queue_depth", "running", "kv_cache_usage")
+RATE_SIGNAL = "prefix_cache_hit_rate"
 HISTOGRAM_SIGNALS = ("ttft_seconds", "e2e_seconds", "time_per_token_seconds")
 GPU_SIGNALS = ("gpu_utilization", "gpu_memory_used_bytes", "gpu_memory_free_bytes")
 
@@ -43,6 +47,7 @@ DEFAULT_AGGREGATE: dict[str, Aggregate] = {
     "queue_depth": "sum",
     "running": "sum",
     "kv_cache_usage": "mean",
+    RATE_SIGNAL: "mean",
     "gpu_utilization": "mean",
     "gpu_memory_used_bytes": "sum",
     "gpu_memory_free_bytes": "sum",
@@ -93,6 +98,19 @@ class HistogramSpec(_SeriesSpec):
     seconds)."""
 
 
+class CounterRatioSpec(_Frozen):
+    """A rate read from two counters: Δhits / Δqueries between two scrapes (each: names tried in order,
+    summed over their label sets)."""
+
+    hits: tuple[str, ...] = Field(min_length=1)
+    queries: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("hits", "queries")
+    @classmethod
+    def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_names(value)
+
+
 def _expand_shorthand(data: Any, fields: tuple[str, ...], histogram: tuple[str, ...] = ()) -> Any:
     """``signal: [names]`` → ``signal: {metrics: [names]}``; a gauge without ``aggregate`` gets its
     signal's default one."""
@@ -104,7 +122,8 @@ def _expand_shorthand(data: Any, fields: tuple[str, ...], histogram: tuple[str, 
             continue
         if isinstance(value, list | tuple):
             value = {"metrics": value}
-        if isinstance(value, dict) and key not in histogram and "aggregate" not in value:
+        is_ratio = isinstance(value, dict) and "hits" in value
+        if isinstance(value, dict) and key not in histogram and "aggregate" not in value and not is_ratio:
             value = {**value, "aggregate": DEFAULT_AGGREGATE[key]}
         out[key] = value
     return out
@@ -119,11 +138,12 @@ class EngineMetrics(_Frozen):
     ttft_seconds: HistogramSpec | None = None
     e2e_seconds: HistogramSpec | None = None
     time_per_token_seconds: HistogramSpec | None = None
+    prefix_cache_hit_rate: GaugeSpec | CounterRatioSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
-        return _expand_shorthand(data, GAUGE_SIGNALS + HISTOGRAM_SIGNALS, HISTOGRAM_SIGNALS)
+        return _expand_shorthand(data, (*GAUGE_SIGNALS, RATE_SIGNAL, *HISTOGRAM_SIGNALS), HISTOGRAM_SIGNALS)
 
     def gauges(self) -> dict[str, GaugeSpec]:
         return {name: spec for name in GAUGE_SIGNALS if (spec := getattr(self, name)) is not None}

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 from control_plane.telemetry.errors import MetricsParseError, UnknownEngineError
-from control_plane.telemetry.metric_map import Aggregate, GaugeSpec, HistogramSpec, MetricMap
+from control_plane.telemetry.metric_map import (
+    RATE_SIGNAL,
+    Aggregate,
+    CounterRatioSpec,
+    EngineMetrics,
+    GaugeSpec,
+    HistogramSpec,
+    MetricMap,
+)
 from control_plane.telemetry.signals import EndpointSignals, GpuSignals, HistogramTotals
 
 
@@ -77,6 +85,39 @@ def read_histogram(samples: Samples, signal: str, spec: HistogramSpec) -> Histog
                 count=math.fsum(s.value for s in counts),
             )
     return None
+
+
+def _first_sum(samples: Samples, names: tuple[str, ...]) -> float | None:
+    for name in names:
+        values = samples.get(name)
+        if values:
+            return math.fsum(s.value for s in values)
+    return None
+
+
+def read_ratio(samples: Samples, signal: str, spec: CounterRatioSpec) -> HistogramTotals | None:
+    """Cumulative hits (as ``sum``) and queries (as ``count``) of a counter ratio, if both are present."""
+    hits = _first_sum(samples, spec.hits)
+    queries = _first_sum(samples, spec.queries)
+    if hits is None or queries is None:
+        return None
+    return HistogramTotals(signal=signal, sum=hits, count=queries)
+
+
+def _hit_rate(
+    samples: Samples, spec: EngineMetrics, previous: EndpointSignals | None
+) -> tuple[float | None, HistogramTotals | None]:
+    """The prefix-cache hit rate: a gauge as read, or a counter ratio between this scrape and the last."""
+    rate = spec.prefix_cache_hit_rate
+    if isinstance(rate, GaugeSpec):
+        return read_gauge(samples, rate), None
+    if rate is None:
+        return None, None
+    totals = read_ratio(samples, RATE_SIGNAL, rate)
+    if totals is None:
+        return None, None
+    carried = previous.prefix_cache_hit_rate if previous is not None else None
+    return mean_between(totals, previous, carried), totals
 
 
 def mean_between(
@@ -154,8 +195,12 @@ def signals_from_text(
         field = f"{totals.signal}_mean"
         carried = getattr(previous, field) if previous is not None else None
         means[field] = mean_between(totals, previous, carried)
+    hit_rate, hit_totals = _hit_rate(samples, spec, previous)
+    if hit_totals is not None:
+        histograms.append(hit_totals)
     signals = EndpointSignals(
         scraped_at=now,
+        prefix_cache_hit_rate=hit_rate,
         queue_depth=gauges.get("queue_depth"),
         running=gauges.get("running"),
         kv_cache_usage=gauges.get("kv_cache_usage"),

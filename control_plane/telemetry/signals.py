@@ -15,7 +15,8 @@ class HistogramTotals:
     """Cumulative ``_sum`` and ``_count`` of a latency histogram, kept to derive means between scrapes."""
 
     signal: str
-    """The histogram signal: ``ttft_seconds``, ``e2e_seconds`` or ``time_per_token_seconds``."""
+    """The histogram signal: ``ttft_seconds``, ``e2e_seconds`` or ``time_per_token_seconds``; or
+    ``prefix_cache_hit_rate`` read from counters (``sum``: hits, ``count``: queries)."""
     sum: float
     count: float
 
@@ -52,6 +53,9 @@ class EndpointSignals:
     """Mean end-to-end latency of the requests finished between the previous scrape and this one."""
     time_per_token_seconds_mean: float | None = None
     """Mean time per output token of the requests finished between the previous scrape and this one."""
+    prefix_cache_hit_rate: float | None = None
+    """0..1: share of prompt tokens found in the engine's prefix cache (vLLM: between the previous scrape
+    and this one; SGLang: as the engine reports it)."""
     histograms: tuple[HistogramTotals, ...] = ()
     """Cumulative histogram totals of this scrape (input of the next scrape's means)."""
 

@@ -27,11 +27,12 @@ entries and flushes them every second, and drops them rather than block requests
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -41,6 +42,7 @@ from control_plane.config.schema import Registry
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.xds.auth import XdsAuthenticator
 from control_plane.xds.builders.local_reply import ERROR_CODE_HEADER, FALLBACK_CODE, reply_rules
+from control_plane.xds.builders.shedding import SHED_NAMESPACE
 from control_plane.xds.log_entries import NO_MODEL, UNKNOWN_MODEL, ModelNames
 
 log = logging.getLogger(__name__)
@@ -101,11 +103,13 @@ class LocalReplyCounter:
     def classify(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> LocalReply:
         common = entry.common_properties
         code = reply_code(entry)
+        # A request shed by priority has the circuit breaker's code but never reached a cluster.
+        shed = SHED_NAMESPACE in common.metadata.filter_metadata
         return LocalReply(
             model=self._names.label(entry),
             code=code,
             status=entry.response.response_code.value,
-            stage="upstream" if code in self._upstream_codes else "route",
+            stage="upstream" if code in self._upstream_codes and not shed else "route",
             reached_endpoint=common.HasField("upstream_remote_address"),
         )
 
@@ -124,10 +128,29 @@ class LocalReplyCounter:
         return dict(self._unreported_errors)
 
 
+@runtime_checkable
+class LiveSink(Protocol):
+    """A sink that also takes the periodic entries of requests in flight (the keys' live state,
+    tenancy/live.py), told which Envoy's stream each entry came on and when that stream ends."""
+
+    def record_live(self, entry: accesslog_pb2.HTTPAccessLogEntry, stream: str) -> object: ...
+
+    def stream_ended(self, stream: str) -> None: ...
+
+
+_PERIODIC = accesslog_pb2.AccessLogType.DownstreamPeriodic
+
+
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
+    """Hands every entry to its sinks. Periodic entries (requests still in flight, logged every half
+    second with API keys on: builders/access_log.py) go only to the live sinks: every other sink counts a
+    request once, at its end."""
+
     def __init__(self, sinks: Sequence[EntrySink], authenticator: XdsAuthenticator | None = None) -> None:
-        self._sinks = tuple(sinks)
+        self._live: tuple[LiveSink, ...] = tuple(s for s in sinks if isinstance(s, LiveSink))
+        self._sinks = tuple(s for s in sinks if not isinstance(s, LiveSink))
         self._auth = authenticator
+        self._streams = itertools.count(1)
 
     async def StreamAccessLogs(
         self,
@@ -141,10 +164,19 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
             messages = await self._auth.admit(
                 "als", messages, context, node_bound=False, node_of=lambda m: m.identifier.node.id
             )
-        async for message in messages:
-            for entry in message.http_logs.log_entry:
-                for sink in self._sinks:
-                    sink.record(entry)
+        stream = f"{context.peer()}#{next(self._streams)}"
+        try:
+            async for message in messages:
+                for entry in message.http_logs.log_entry:
+                    for live in self._live:
+                        live.record_live(entry, stream)
+                    if entry.common_properties.access_log_type == _PERIODIC:
+                        continue
+                    for sink in self._sinks:
+                        sink.record(entry)
+        finally:
+            for live in self._live:
+                live.stream_ended(stream)
         return als_pb2.StreamAccessLogsResponse()
 
 

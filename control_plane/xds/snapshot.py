@@ -114,6 +114,7 @@ class Snapshot:
                         f"listener {name!r} needs filter config {http.name!r} (ECDS)"
                         for http in manager.http_filters
                         if http.HasField("config_discovery")
+                        and http.config_discovery.config_source.HasField("ads")  # others: own streams
                         and http.name not in self.resources[EXTENSION_CONFIG]
                     )
         return problems

@@ -19,9 +19,11 @@ from __future__ import annotations
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2, grpc_service_pb2, substitution_format_string_pb2
 from envoy.config.core.v3.config_source_pb2 import ApiVersion
+from envoy.data.accesslog.v3 import accesslog_pb2 as accesslog_data_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import any_pb2, message
 
 from control_plane.config.schema import AccessLogSettings
@@ -40,6 +42,13 @@ GENERATE_PATH = "/v1/generate"
 # Every request that passed the API-key check (keys.lua writes the key into this metadata), for the
 # per-key usage accounting (tenancy/usage*.py): with keys on, that is all traffic.
 KEYED_FILTER = "'gateway' in metadata.filter_metadata && 'key' in metadata.filter_metadata['gateway']"
+# Requests a fallback model served (builders/fallback.py names those routes), counted per model and
+# fallback (control_plane/overload/sinks.py).
+FALLBACK_FILTER = "xds.route_name.startsWith('fallback:')"
+# With keys on, a request in flight is logged this often (the keys' live state counts requests in flight
+# from these entries: tenancy/live_counts.py).
+LIVE_LOG_INTERVAL_S = 0.5
+_PERIODIC = accesslog_data_pb2.AccessLogType.DownstreamPeriodic
 # The generate filter rewrites a call's path to the engine's; translated calls carry its metadata instead.
 GENERATE_FILTER = (
     f"request.url_path == '{GENERATE_PATH}' || '{GENERATE_NAMESPACE}' in metadata.filter_metadata"
@@ -94,16 +103,50 @@ def _log_format(fmt: str, keyed: bool = False) -> substitution_format_string_pb2
     )
 
 
+def _cel(expression: str) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(
+        extension_filter=accesslog_pb2.ExtensionFilter(
+            name="envoy.access_loggers.extension_filters.cel",
+            typed_config=_packed(cel_pb2.ExpressionFilter(expression=expression)),
+        )
+    )
+
+
+def _periodic(exclude: bool) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(
+        log_type_filter=accesslog_pb2.LogTypeFilter(types=[_PERIODIC], exclude=exclude)
+    )
+
+
 def file_access_log(path: str, fmt: str, keyed: bool = False) -> accesslog_pb2.AccessLog:
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.file",
+        # With keys on, the connection manager logs requests in flight periodically (for the keys' live
+        # state): the file keeps one line per request.
+        filter=_periodic(exclude=True) if keyed else None,
         typed_config=_packed(file_pb2.FileAccessLog(path=path, log_format=_log_format(fmt, keyed))),
     )
 
 
-def control_plane_log(credential: str, expression: str, flush_s: float = 1.0) -> accesslog_pb2.AccessLog:
+def _control_plane_filter(expression: str, live: bool) -> accesslog_pb2.AccessLogFilter:
+    """`expression`'s entries at their end; with `live`, also the keyed requests' periodic entries."""
+    if not live:
+        return _cel(expression)
+    ended = accesslog_pb2.AccessLogFilter(
+        and_filter=accesslog_pb2.AndFilter(filters=[_periodic(exclude=True), _cel(expression)])
+    )
+    in_flight = accesslog_pb2.AccessLogFilter(
+        and_filter=accesslog_pb2.AndFilter(filters=[_periodic(exclude=False), _cel(KEYED_FILTER)])
+    )
+    return accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=[ended, in_flight]))
+
+
+def control_plane_log(
+    credential: str, expression: str, flush_s: float = 1.0, live: bool = False
+) -> accesslog_pb2.AccessLog:
     """The entries `expression` selects, streamed to the control plane, which counts them: Envoy's own
-    error replies per model and code, /v1/generate calls per model and scenario."""
+    error replies per model and code, /v1/generate calls per model and scenario, keyed requests. `live`:
+    keyed requests in flight too, every LIVE_LOG_INTERVAL_S (the keys' live state, tenancy/live.py)."""
     metadata = (
         # The deployment's access-log credential, checked like the ADS and LRS streams (xds/auth.py).
         [base_pb2.HeaderValue(key="authorization", value=f"Bearer {credential}")] if credential else []
@@ -122,12 +165,7 @@ def control_plane_log(credential: str, expression: str, flush_s: float = 1.0) ->
     )
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.http_grpc",
-        filter=accesslog_pb2.AccessLogFilter(
-            extension_filter=accesslog_pb2.ExtensionFilter(
-                name="envoy.access_loggers.extension_filters.cel",
-                typed_config=_packed(cel_pb2.ExpressionFilter(expression=expression)),
-            )
-        ),
+        filter=_control_plane_filter(expression, live),
         typed_config=_packed(config),
     )
 
@@ -146,6 +184,7 @@ def build_access_logs(
             (LOCAL_REPLY_FILTER, settings.count_local_replies),
             (GENERATE_FILTER, settings.count_generate),
             (KEYED_FILTER, keyed),
+            (FALLBACK_FILTER, settings.count_local_replies),
         )
         if wanted
     ]
@@ -153,5 +192,14 @@ def build_access_logs(
         # Keyed requests are counted against tokens-per-minute limits: the sooner they arrive, the smaller
         # the overrun of a key going over (a quarter of a second, at a few more gRPC messages per second).
         flush_s = 0.25 if keyed else 1.0
-        logs.append(control_plane_log(credential, " || ".join(selected), flush_s))
+        logs.append(control_plane_log(credential, " || ".join(selected), flush_s, live=keyed))
     return logs
+
+
+def access_log_options(keyed: bool) -> hcm.HttpConnectionManager.HcmAccessLogOptions | None:
+    """With keys on: requests in flight logged every LIVE_LOG_INTERVAL_S (only the control plane's log
+    takes those entries, only for keyed requests: see _control_plane_filter)."""
+    if not keyed:
+        return None
+    interval = seconds(LIVE_LOG_INTERVAL_S)
+    return hcm.HttpConnectionManager.HcmAccessLogOptions(access_log_flush_interval=interval)

@@ -1,4 +1,5 @@
-"""Model → Cluster: least-request balancing, circuit breakers, outlier ejection, upstream HTTP options."""
+"""Model → Cluster: least-request, round-robin or prefix-affine (Maglev) balancing, circuit breakers,
+outlier ejection, upstream HTTP options."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from envoy.extensions.load_balancing_policies.least_request.v3 import least_requ
 from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2, json_format
+from google.protobuf import any_pb2, json_format, message
 
 from control_plane.state import ModelState
 from control_plane.xds.builders._common import ads_source, seconds, uint32
+from control_plane.xds.builders.prefix_affinity import LB_POLICY_NAME, is_prefix_affine, maglev_policy
+from control_plane.xds.builders.priority import apply_priority_reserve
 from control_plane.xds.resources import cluster_name
 
 _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -61,8 +64,12 @@ def _outlier_detection(model: ModelState) -> outlier_detection_pb2.OutlierDetect
 
 
 def _load_balancing(model: ModelState) -> cluster_pb2.LoadBalancingPolicy:
+    config: message.Message
     if model.config.load_balancing == "round_robin":
         name, config = "envoy.load_balancing_policies.round_robin", round_robin_pb2.RoundRobin()
+    elif is_prefix_affine(model.config):
+        # Consistent hashing (Maglev) on the route's prefix key, with bounded load (prefix_affinity.py).
+        name, config = LB_POLICY_NAME, maglev_policy(model.config)
     else:
         # A full scan, not the default two random choices: model replicas are few, and with two of them
         # two choices drawn with replacement pick the same host half of the time.
@@ -125,6 +132,7 @@ def build_cluster(model: ModelState) -> cluster_pb2.Cluster:
         ),
         typed_extension_protocol_options={_HTTP_OPTIONS_KEY: _http_options()},
     )
+    cluster = apply_priority_reserve(cluster, model)  # a reserve for high priority (priority.py)
     if model.config.cluster_overrides:
         cluster = apply_overrides(cluster, model.config.cluster_overrides)
     return cluster

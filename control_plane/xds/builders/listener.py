@@ -12,8 +12,12 @@ Filter chain on the request path (all request-side, so SSE answers stream throug
    `gateway.model`, overwriting the header's value:
    the body wins when both are given, so a header can never send a body's request to another model.
    A body that is not JSON, or not sent as `application/json`, sets `gateway.body_invalid`.
+3b. lua (shedding): low (then default) priority refused with 503 model_overloaded; entered only on the
+   routes of saturated models (shedding.py). With keys on, after the key check and its quota filters.
 4. lua (generate): /v1/generate ⇄ chat completions; skipped by a matcher on any other path.
 5. lua (rename): served_model into `model`; entered only on the routes of models that set it.
+   lua (prefix affinity): the prompt prefix's key into a header the route hashes; entered only on the
+   routes of models with `load_balancing: prefix_affinity` (prefix_affinity.py).
 6. router (suppress_envoy_headers: no x-envoy-* request or response headers of its own).
 
 Timeouts of the client side: request_headers_timeout for the headers, request_timeout for the whole
@@ -38,7 +42,7 @@ from google.protobuf import any_pb2, message, struct_pb2, wrappers_pb2
 from control_plane.config.schema import GatewaySettings
 from control_plane.state import NodeParams
 from control_plane.xds.builders._common import ads_source, seconds, uint32
-from control_plane.xds.builders.access_log import build_access_logs
+from control_plane.xds.builders.access_log import access_log_options, build_access_logs
 from control_plane.xds.builders.generate import (
     LUA_FILTER_NAME,
     RENAME_FILTER_NAME,
@@ -46,9 +50,12 @@ from control_plane.xds.builders.generate import (
     build_rename_filter,
 )
 from control_plane.xds.builders.keys import build_key_filter
+from control_plane.xds.builders.live import build_live_filter
 from control_plane.xds.builders.local_reply import build_local_reply_config
+from control_plane.xds.builders.prefix_affinity import PREFIX_FILTER_NAME, build_prefix_filter
 from control_plane.xds.builders.quota import build_quota_filter
 from control_plane.xds.builders.route import BODY_INVALID_KEY, MODEL_KEY, MODEL_MISSING_KEY, MODEL_PATH_REGEX
+from control_plane.xds.builders.shedding import build_shedding_filter
 from control_plane.xds.builders.usage import MAX_TOKENS_KEY, build_usage_filter
 from control_plane.xds.resources import LISTENER_NAME, METADATA_NAMESPACE, ROUTE_CONFIG_NAME
 
@@ -193,7 +200,9 @@ def _tenancy_filters(auth_mode: str, credential: str) -> list[hcm.HttpFilter]:
     bucket is the key id the check sets."""
     if auth_mode != "api_key":
         return []
-    return [build_key_filter(), build_quota_filter(credential)]
+    # The keys' live state (live.py: remaining-limit headers, the concurrency refusal) right after the
+    # check, whose metadata names the key; before the quota filter, so a refused request uses no quota.
+    return [build_key_filter(), build_live_filter(credential), build_quota_filter(credential)]
 
 
 def build_connection_manager(
@@ -212,10 +221,15 @@ def build_connection_manager(
             ),
             _http_filter("envoy.filters.http.json_to_metadata", _json_body_filter(auth_mode)),
             *_tenancy_filters(auth_mode, node.log_credential),
+            # Priority shedding, entered only on the routes of saturated models (after the key check,
+            # whose metadata holds the key's class): shedding.py.
+            build_shedding_filter(),
             # /v1/generate (entered for that path only) and served_model renaming (entered only on the
             # routes of models that set it): generate.py.
             _http_filter(LUA_FILTER_NAME, build_generate_filter()),
             _http_filter(RENAME_FILTER_NAME, build_rename_filter()),
+            # The prefix-affinity key, entered only on the routes of prefix-affine models: prefix_affinity.py.
+            _http_filter(PREFIX_FILTER_NAME, build_prefix_filter()),
             *_usage_filters(auth_mode),
             # No x-envoy-expected-rq-timeout-ms or attempt count to the engines, no
             # x-envoy-upstream-service-time to clients.
@@ -226,6 +240,8 @@ def build_connection_manager(
         access_log=build_access_logs(
             settings.access_log, node.access_log_path, node.log_credential, keyed=auth_mode == "api_key"
         ),
+        # With keys on, requests in flight are logged periodically (the keys' live state).
+        access_log_options=access_log_options(keyed=auth_mode == "api_key"),
         # Streams are cut by idle timeouts, never by a whole-request timeout at this level.
         stream_idle_timeout=seconds(settings.stream_idle_timeout_s),
         # When a model server dies mid-stream, the client learns it 0.1 s later instead of Envoy's 1 s

@@ -16,6 +16,7 @@ from google.protobuf import any_pb2
 
 from control_plane.config.schema import GatewaySettings
 from control_plane.xds.builders._common import struct, uint32
+from control_plane.xds.builders.shedding import SHED_NAMESPACE
 
 MODEL = "%DYNAMIC_METADATA(gateway:model)%"
 BODY = "%LOCAL_REPLY_BODY%"
@@ -65,6 +66,21 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
         *(
             ReplyRule(error_type, code, BODY, route_cel=_key_refused(code), headers=headers)
             for error_type, code, headers in KEY_REFUSALS
+        ),
+        # A request shed by priority while its model is saturated (shedding.lua; retry-after set there).
+        ReplyRule(
+            "server_error",
+            "model_overloaded",
+            BODY,
+            route_cel=f"'{SHED_NAMESPACE}' in metadata.filter_metadata",
+        ),
+        # A key at its concurrency limit (live.lua): OpenAI's 429 for requests, retried after a second.
+        ReplyRule(
+            "requests",
+            "rate_limit_exceeded",
+            BODY,
+            route_cel=_key_refused("concurrency_limit"),
+            headers=(("retry-after", "1"),),
         ),
         # The per-key requests-per-minute limit (builders/quota.py): its 429 already carries OpenAI's JSON
         # body and headers; kept as it is (the fallback below would wrap it), whatever the route.

@@ -31,8 +31,12 @@ from google.protobuf import any_pb2
 
 from control_plane.state import GatewayState, ModelState
 from control_plane.xds.builders._common import seconds, uint32
+from control_plane.xds.builders.fallback import apply_fallbacks
 from control_plane.xds.builders.generate import GENERATE_PATH, rename_per_route, route_metadata
 from control_plane.xds.builders.keys import KEY_ID_HEADER, key_route_metadata, skip_key_check
+from control_plane.xds.builders.prefix_affinity import hash_policy, prefix_per_route
+from control_plane.xds.builders.priority import apply_priority_routes
+from control_plane.xds.builders.shedding import apply_shedding
 from control_plane.xds.resources import METADATA_NAMESPACE, ROUTE_CONFIG_NAME, cluster_name
 
 # Paths of the inference APIs the gateway forwards (OpenAI, TGI native, TEI). Anything else, such as an
@@ -216,8 +220,9 @@ def _model_routes(model: ModelState, keys_checked: bool = False) -> list[rc.Rout
                 name=f"model:{name}",
                 match=match,
                 metadata=_model_route_metadata(model, keys_checked),
-                # The rename filter, on this route only if the model sets served_model.
-                typed_per_filter_config=rename_per_route(model.config),
+                # The rename filter (served_model) and the prefix-key filter (prefix_affinity): on this
+                # route only if the model needs them.
+                typed_per_filter_config={**rename_per_route(model.config), **prefix_per_route(model.config)},
                 route=rc.RouteAction(
                     cluster=cluster_name(model.id),
                     timeout=seconds(limits.request_timeout_s),
@@ -225,6 +230,8 @@ def _model_routes(model: ModelState, keys_checked: bool = False) -> list[rc.Rout
                     # elsewhere if nothing reached the client yet; this outer bound covers all tries.
                     idle_timeout=seconds(route_idle_timeout_s(model)),
                     retry_policy=_retry_policy(model),
+                    # prefix_affinity: the key the prefix filter wrote, hashed onto the cluster's ring.
+                    hash_policy=hash_policy(model.config),
                     regex_rewrite=_strip_model_prefix(),
                 ),
                 request_headers_to_add=[
@@ -379,6 +386,10 @@ def build_route_configuration(state: GatewayState) -> route_pb2.RouteConfigurati
             "`model` must be a non-empty string.",
         )
     )
+    # Models that cannot serve now send their requests to a fallback model (fallback.py); saturated ones
+    # shed by priority (shedding.py); high priority gets its own routes where a model reserves capacity
+    # for it (priority.py).
+    routes = apply_priority_routes(apply_shedding(apply_fallbacks(routes, state), state), state)
     vhost = rc.VirtualHost(
         name="gateway",
         domains=["*"],

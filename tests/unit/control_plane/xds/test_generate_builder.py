@@ -16,6 +16,7 @@ from control_plane.errors import ConfigError
 from control_plane.state import NodeParams, build_state
 from control_plane.xds.builders.generate import LUA_FILTER_NAME, RENAME_FILTER_NAME, lua_source, route_data
 from control_plane.xds.builders.listener import build_listener
+from control_plane.xds.builders.prefix_affinity import PREFIX_FILTER_NAME
 from control_plane.xds.builders.route import build_route_configuration
 
 pytestmark = pytest.mark.unit
@@ -83,7 +84,13 @@ def test_listener_reads_model_id_and_runs_lua_before_the_router() -> None:
     listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
     names = [f.name for f in manager.http_filters]
     assert names.index("envoy.filters.http.json_to_metadata") < names.index(LUA_FILTER_NAME)
-    assert names[-3:] == [LUA_FILTER_NAME, RENAME_FILTER_NAME, "envoy.filters.http.router"]
+    # Then the prefix-affinity key filter (entered only on prefix-affine models' routes), then the router.
+    assert names[-4:] == [
+        LUA_FILTER_NAME,
+        RENAME_FILTER_NAME,
+        PREFIX_FILTER_NAME,
+        "envoy.filters.http.router",
+    ]
     # The generate filter is skipped by a matcher unless the path is /v1/generate.
     generate = manager.http_filters[names.index(LUA_FILTER_NAME)].typed_config
     assert generate.type_url.endswith("ExtensionWithMatcher") and b"/v1/generate" in generate.value
