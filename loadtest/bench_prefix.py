@@ -58,9 +58,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rr": ("round robin", {"load_balancing": "round_robin"}),
     "lr": ("least request", {"load_balancing": "least_request"}),
     "pa": ("prefix affinity", {"load_balancing": "prefix_affinity"}),
-    "pa110": (
-        "prefix affinity, bound 110 %",
-        {"load_balancing": "prefix_affinity", "prefix_load_bound_percent": 110},
+    "pa125": (
+        "prefix affinity, bound 125 %",
+        {"load_balancing": "prefix_affinity", "prefix_load_bound_percent": 125},
     ),
 }
 _WORDS = ("the", "river", "city", "plan", "trip", "budget", "hotel", "museum", "train", "ticket", "food")

@@ -232,7 +232,7 @@ class ModelConfig(_Frozen):
         "cache holds it, within a bound on load (docs/balancing.md#prefix-affinity).",
     )
     prefix_load_bound_percent: int = Field(
-        default=125,
+        default=115,
         ge=100,
         le=1000,
         description="prefix_affinity: a replica with more requests in flight than this % of the mean is "

@@ -9,7 +9,7 @@ bound on its load. All in Envoy; pure builders of the three pieces:
 - the cluster's Maglev consistent hashing with bounded load: a replica that comes or goes moves the
   prefixes that hashed to it and about 0.1 % of the others (the table is built on the endpoints' ids, not
   their addresses, so a replica restarted on a new port keeps its prefixes); `hash_balance_factor` passes
-  over a replica already holding more than `prefix_load_bound_percent` (default 125) % of the mean
+  over a replica already holding more than `prefix_load_bound_percent` (default 115) % of the mean
   in-flight load for another one
   (a fixed pseudo-random sequence per key): a hot prefix spills over instead of overloading one replica.
   Not ring hash: its ring gives each replica `minimum_ring_size / N` points, so when N changes every

@@ -48,7 +48,7 @@ def test_cluster_uses_maglev_with_bounded_load_on_endpoint_ids() -> None:
     assert policy.typed_extension_config.name == "envoy.load_balancing_policies.maglev"
     maglev = maglev_pb2.Maglev()
     assert policy.typed_extension_config.typed_config.Unpack(maglev)
-    assert maglev.consistent_hashing_lb_config.hash_balance_factor.value == 125  # the default bound
+    assert maglev.consistent_hashing_lb_config.hash_balance_factor.value == 115  # the default bound
     assert maglev.consistent_hashing_lb_config.use_hostname_for_hashing
     (tighter,) = build_cluster(_state(prefix_load_bound_percent=110).models[0]).load_balancing_policy.policies
     assert tighter.typed_extension_config.typed_config.Unpack(maglev)
