@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from control_plane.config.base import Frozen
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelDirectory(_Frozen):
+class ModelDirectory(Frozen):
     path: str = Field(
         description="A directory of model folders and GGUF files (relative: to the registry file)."
     )
@@ -28,7 +26,7 @@ class ModelDirectory(_Frozen):
     )
 
 
-class AutoscaleSettings(_Frozen):
+class AutoscaleSettings(Frozen):
     """When a launched model gets another replica, and when it gives one back (docs/lifecycle.md,
     "Replicas and autoscaling"). A target left unset is not used; at least one must be set."""
 
@@ -80,7 +78,7 @@ class AutoscaleSettings(_Frozen):
         return self
 
 
-class RestartSettings(_Frozen):
+class RestartSettings(Frozen):
     """How a launched replica that exits or fails its health probes is replaced (docs/lifecycle.md,
     "Replacing a replica")."""
 
@@ -118,7 +116,7 @@ class RestartSettings(_Frozen):
         return float(min(self.backoff_s * 2 ** max(nth - 1, 0), self.backoff_max_s))
 
 
-class ScalingSettings(_Frozen):
+class ScalingSettings(Frozen):
     """For a model with fixed `endpoints` (engines someone else runs, e.g. a Deployment that Kubernetes
     HPA or KEDA scales): the bounds and targets from which the control plane computes the replica count
     it should have, exported as `llm_gateway_model_desired_replicas` (docs/lifecycle.md)."""
@@ -138,7 +136,7 @@ class ScalingSettings(_Frozen):
         return self
 
 
-class LaunchSettings(_Frozen):
+class LaunchSettings(Frozen):
     """How the control plane starts this model's engines."""
 
     launcher: str = Field(default="simulator", description="simulator, vllm, tgi, tei or llamacpp.")
@@ -192,7 +190,7 @@ class LaunchSettings(_Frozen):
         return self
 
 
-class LifecycleSettings(_Frozen):
+class LifecycleSettings(Frozen):
     model_dirs: tuple[ModelDirectory, ...] = ()
     scan_interval_s: float = Field(default=30, gt=0, le=86_400, description="Rescan of model_dirs.")
     gpu_memory_mb: int | None = Field(

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from control_plane.config.base import Frozen
 from control_plane.config.names import HEADER_NAME
 
 if TYPE_CHECKING:  # schema imports this module: no import cycle at run time
@@ -20,11 +21,7 @@ if TYPE_CHECKING:  # schema imports this module: no import cycle at run time
 PRIORITIES = ("high", "default", "low")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Thresholds(_Frozen):
+class Thresholds(Frozen):
     """A level is reached when any signal set here is at or over its value (null: not used)."""
 
     queue_per_replica: float | None = Field(
@@ -39,7 +36,7 @@ class Thresholds(_Frozen):
         return self
 
 
-class ModelOverload(_Frozen):
+class ModelOverload(Frozen):
     """A model's own thresholds, over the registry's, and its reserve for high priority."""
 
     saturated: Thresholds | None = None
@@ -53,7 +50,7 @@ class ModelOverload(_Frozen):
     )
 
 
-class OverloadSettings(_Frozen):
+class OverloadSettings(Frozen):
     """Priority classes and load shedding (the control plane decides saturation from telemetry)."""
 
     enabled: bool = Field(

@@ -9,12 +9,13 @@ from __future__ import annotations
 import ipaddress
 from enum import StrEnum
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from control_plane.config.auth import AuthSettings
+from control_plane.config.base import Frozen, OptionalSeconds, PositiveSeconds
 from control_plane.config.cluster_overrides import check_cluster_overrides
 from control_plane.config.lifecycle import LaunchSettings, LifecycleSettings, ScalingSettings
 from control_plane.config.names import (
@@ -28,6 +29,7 @@ from control_plane.config.names import (
     default_endpoint_id,
 )
 from control_plane.config.overload import ModelOverload, OverloadSettings, fallback_problems
+from control_plane.config.resilience import HealthCheck, ModelLimits, OutlierDetection, RetryPolicy
 from control_plane.config.scenarios import Scenario, Scenarios, effective_scenarios
 
 
@@ -38,16 +40,7 @@ class EngineKind(StrEnum):
     TEI = "tei"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
-# 0 turns a timeout off; Envoy takes the same convention.
-OptionalSeconds = Annotated[float, Field(ge=0, le=86_400)]
-
-
-class EndpointConfig(_Frozen):
+class EndpointConfig(Frozen):
     """One model server replica."""
 
     id: str | None = Field(default=None, description="Stable id; defaults to '<model id>-<index>'.")
@@ -105,24 +98,7 @@ class EndpointConfig(_Frozen):
         return port
 
 
-class HealthCheck(_Frozen):
-    """Active probing of every endpoint: the engine's health call, then a check of the model it serves."""
-
-    interval_s: PositiveSeconds = 2.0
-    timeout_s: PositiveSeconds = 1.0
-    unhealthy_threshold: int = Field(
-        default=2, ge=1, le=100, description="Failures in a row to mark it down."
-    )
-    healthy_threshold: int = Field(
-        default=1, ge=1, le=100, description="Successes in a row to bring it back."
-    )
-    jitter: float = Field(
-        default=0.1, ge=0, le=1, description="Random spread of the interval, as a fraction."
-    )
-    check_model: bool = Field(default=True, description="Refuse an endpoint that serves another model.")
-
-
-class Telemetry(_Frozen):
+class Telemetry(Frozen):
     """Scraping of the engines' /metrics and the weights derived from it."""
 
     enabled: bool = True
@@ -137,7 +113,7 @@ class Telemetry(_Frozen):
     stale_after_s: PositiveSeconds = 10.0
 
 
-class Alerting(_Frozen):
+class Alerting(Frozen):
     auto_drain: tuple[str, ...] = Field(
         default=(),
         description="Alerts allowed to drain the endpoint they name (label `endpoint`) while they fire.",
@@ -154,72 +130,7 @@ class Alerting(_Frozen):
         return names
 
 
-class ModelLimits(_Frozen):
-    """Per-model limits, enforced by Envoy's circuit breakers and route timeouts."""
-
-    max_concurrent_requests: int = Field(default=256, ge=1, le=1_000_000)
-    max_pending_requests: int = Field(default=512, ge=0, le=1_000_000)
-    request_timeout_s: OptionalSeconds = Field(
-        default=600, description="Whole request, streams included; 0 = none."
-    )
-    idle_timeout_s: PositiveSeconds = Field(
-        default=120, description="Longest silence of the upstream before the stream is cut."
-    )
-    connect_timeout_s: PositiveSeconds = 2.0
-
-
-RetriableStatus = Annotated[int, Field(ge=500, le=599)]
-
-
-class RetryPolicy(_Frozen):
-    """Retries on another replica, only where no byte has reached the client yet, and only for causes that
-    say a replica failed (refused or broken connection, a try gone silent), never for those that say the
-    fleet is full (an engine's 429 or 503, the circuit breaker), which a retry would only multiply.
-    See docs/operations.md, "When a replica fails"."""
-
-    attempts: int = Field(default=2, ge=0, le=10, description="Retries after the first try.")
-    timeout_retries: int = Field(
-        default=1,
-        ge=0,
-        le=10,
-        description="Of those, how many may follow a try that stayed silent for `limits.idle_timeout_s` "
-        "(a hung replica; on a merely slow fleet each one adds a request, hence its own bound). "
-        "0 = a silent try ends the request with 504.",
-    )
-    budget_percent: float = Field(
-        default=100.0,
-        ge=0,
-        le=100,
-        description="Retries in progress at once may be at most this share of the active requests. 100 lets "
-        "every request in flight on one of two replicas be retried when it dies (N replicas need "
-        "100/(N-1)); the circuit breaker (limits.max_concurrent_requests) still caps retries and first "
-        "tries together.",
-    )
-    min_retry_concurrency: int = Field(default=3, ge=0, le=10_000)
-    retriable_status_codes: tuple[RetriableStatus, ...] = Field(
-        default=(),
-        description="Model-server answers retried on another replica. None by default: engines answer 429 "
-        "or 503 when they are full, and retrying those multiplies load on a saturated fleet.",
-    )
-
-    @model_validator(mode="after")
-    def _timeout_retries_within_attempts(self) -> RetryPolicy:
-        if self.timeout_retries > self.attempts:
-            raise ValueError(
-                f"timeout_retries ({self.timeout_retries}) cannot exceed attempts ({self.attempts})"
-            )
-        return self
-
-
-class OutlierDetection(_Frozen):
-    consecutive_5xx: int = Field(default=5, ge=1)
-    consecutive_local_origin_failure: int = Field(default=2, ge=1)
-    interval_s: PositiveSeconds = 2.0
-    base_ejection_time_s: PositiveSeconds = 10.0
-    max_ejection_percent: int = Field(default=50, ge=0, le=100)
-
-
-class ModelConfig(_Frozen):
+class ModelConfig(Frozen):
     id: str
     aliases: tuple[str, ...] = ()
     engine: EngineKind
@@ -336,7 +247,7 @@ class ModelConfig(_Frozen):
         return effective_scenarios(self._registry_scenarios, self.scenarios)
 
 
-class AccessLogSettings(_Frozen):
+class AccessLogSettings(Frozen):
     """Envoy's access log: one line per request to a file, and Envoy's own error replies to the control
     plane (per-model error counts). See docs/operations.md."""
 
@@ -358,7 +269,7 @@ class AccessLogSettings(_Frozen):
     )
 
 
-class GatewaySettings(_Frozen):
+class GatewaySettings(Frozen):
     listen_address: str = "127.0.0.1"
     listen_port: int = Field(default=8080, ge=1, le=65_535)
     max_request_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
@@ -397,7 +308,7 @@ class GatewaySettings(_Frozen):
         return value
 
 
-class Registry(_Frozen):
+class Registry(Frozen):
     allow_empty: bool = Field(
         default=False,
         description="Accept a registry without models (every request would get 404). Without it a file "

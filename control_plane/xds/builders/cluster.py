@@ -39,7 +39,7 @@ def _circuit_breakers(model: ModelState) -> circuit_breaker_pb2.CircuitBreakers:
                 # 11 of 16 be lost with two replicas. The default of 100 % covers any N >= 2 without
                 # tying the cluster (CDS) to the endpoint count; it cannot raise load past the limits
                 # above, since every retry is an active request counted against max_requests, and the
-                # causes that mean "full" are not retried at all (route.py, _retry_policy).
+                # causes that mean "full" are not retried at all (retry.py).
                 retry_budget=circuit_breaker_pb2.CircuitBreakers.Thresholds.RetryBudget(
                     budget_percent=percent_pb2.Percent(value=retry.budget_percent),
                     min_retry_concurrency=uint32(retry.min_retry_concurrency),

@@ -15,7 +15,7 @@ from control_plane.errors import ConfigError
 from control_plane.state import build_state
 from control_plane.xds.builders.cluster import build_cluster
 from control_plane.xds.builders.local_reply import reply_rules
-from control_plane.xds.builders.route import _retry_policy, route_idle_timeout_s
+from control_plane.xds.builders.retry import retry_policy, route_idle_timeout_s
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +29,7 @@ def _model(**extra: Any) -> Any:
 
 def test_defaults_retry_only_failure_causes_with_a_budget_for_a_whole_replica() -> None:
     model = _model(limits={"idle_timeout_s": 7})
-    policy = _retry_policy(model)
+    policy = retry_policy(model)
     assert policy.retry_on == "connect-failure,refused-stream,reset"  # no 429/503: "full" is no failure
     assert list(policy.retriable_status_codes) == []
     assert policy.num_retries.value == 2
@@ -40,14 +40,14 @@ def test_defaults_retry_only_failure_causes_with_a_budget_for_a_whole_replica() 
 
 
 def test_status_codes_are_retried_only_when_asked() -> None:
-    policy = _retry_policy(_model(retry={"retriable_status_codes": [503]}))
+    policy = retry_policy(_model(retry={"retriable_status_codes": [503]}))
     assert policy.retry_on.endswith(",retriable-status-codes")
     assert list(policy.retriable_status_codes) == [503]
 
 
 def test_no_timeout_retries_means_no_per_try_idle_timeout() -> None:
     model = _model(limits={"idle_timeout_s": 5}, retry={"timeout_retries": 0})
-    assert not _retry_policy(model).HasField("per_try_idle_timeout")
+    assert not retry_policy(model).HasField("per_try_idle_timeout")
     assert route_idle_timeout_s(model) == 5
 
 
