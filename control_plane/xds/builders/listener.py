@@ -12,12 +12,16 @@ Filter chain on the request path (all request-side, so SSE answers stream throug
    `gateway.model`, overwriting the header's value:
    the body wins when both are given, so a header can never send a body's request to another model.
    A body that is not JSON, or not sent as `application/json`, sets `gateway.body_invalid`.
+3a. with API keys on: lua (key check, its table over ECDS: keys.py), lua (the keys' live state over its
+   own ECDS stream: remaining-limit headers, the concurrency refusal: live.py), rate_limit_quota (the
+   per-key request limit, RLQS to the control plane: quota.py).
 3b. lua (shedding): low (then default) priority refused with 503 model_overloaded; entered only on the
    routes of saturated models (shedding.py). With keys on, after the key check and its quota filters.
 4. lua (generate): /v1/generate ⇄ chat completions; skipped by a matcher on any other path.
 5. lua (rename): served_model into `model`; entered only on the routes of models that set it.
    lua (prefix affinity): the prompt prefix's key into a header the route hashes; entered only on the
    routes of models with `load_balancing: prefix_affinity` (prefix_affinity.py).
+5a. with API keys on: ai_protocol_manager (the engine's token usage into metadata: usage.py).
 6. router (suppress_envoy_headers: no x-envoy-* request or response headers of its own).
 
 Timeouts of the client side: request_headers_timeout for the headers, request_timeout for the whole
