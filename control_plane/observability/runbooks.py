@@ -10,7 +10,8 @@ import yaml
 
 from control_plane.observability.render import RULES_FILE
 
-# The alerts the gateway promises operators (the observability issue's list).
+# The alerts the gateway promises operators: the observability issue's list, then overload and fallback
+# (docs/balancing.md) and launched models' replicas (docs/lifecycle.md).
 REQUIRED_ALERTS = frozenset(
     {
         "ModelUnavailable",
@@ -23,6 +24,11 @@ REQUIRED_ALERTS = frozenset(
         "XdsConfigRejected",
         "ControlPlaneDown",
         "EnvoyDown",
+        "ModelSaturated",
+        "DefaultPriorityShed",
+        "ModelOnFallback",
+        "ModelReplicaRestarts",
+        "ModelReplicasBelowDesired",
     }
 )
 

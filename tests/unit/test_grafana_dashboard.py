@@ -14,7 +14,9 @@ import pytest
 import yaml
 
 from control_plane.config import parse_registry
+from control_plane.lifecycle.metrics import LifecycleMetrics
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.overload.sinks import OverloadCounters, SaturationGauges
 from control_plane.runtime import EndpointGauges
 from control_plane.service import ControlPlane
 from control_plane.xds.cache import SnapshotCache
@@ -70,8 +72,13 @@ ENVOY_CLUSTER_STATS = {
     "envoy_cluster_upstream_rq_retry_overflow",
 }
 # Engine metrics the local simulators do not export but real engines do (documented in
-# control_plane/telemetry/metric_map.yaml): vLLM's name before 0.10, and TEI's queue.
-KNOWN_ELSEWHERE = {"vllm:gpu_cache_usage_perc", "te_queue_size"}
+# control_plane/telemetry/metric_map.yaml): vLLM's names before 0.10, and TEI's queue.
+KNOWN_ELSEWHERE = {
+    "vllm:gpu_cache_usage_perc",
+    "vllm:gpu_prefix_cache_hits_total",
+    "vllm:gpu_prefix_cache_queries_total",
+    "te_queue_size",
+}
 
 
 def dashboard() -> dict[str, Any]:
@@ -101,6 +108,7 @@ def metric_names(expr: str) -> set[str]:
     text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', substitute(expr))
     text = re.sub(r"\{[^{}]*\}", " ", text)
     text = re.sub(r"\[[^\[\]]*\]", " ", text)
+    text = re.sub(r"\boffset\s+\d+[smhdwy]", " ", text)
     text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", " ", text)
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
@@ -208,13 +216,18 @@ def test_promql_parses_with_promtool(tmp_path: Path) -> None:
 
 
 def test_metric_names_are_real() -> None:
-    control_plane = {
-        sample.name for family in ControlPlaneMetrics.create().registry.collect() for sample in family.samples
-    } | {family.name for family in ControlPlaneMetrics.create().registry.collect()}
-    plane = ControlPlane(
-        parse_registry({"allow_empty": True}), cache=SnapshotCache(), metrics=ControlPlaneMetrics.create()
-    )
-    control_plane |= {family.name for family in EndpointGauges(plane).collect()}  # computed at scrape time
+    # The control plane's registry as the service fills it: its own metrics, the overload counters and
+    # the lifecycle's metrics, and the gauges computed at scrape time.
+    metrics = ControlPlaneMetrics.create()
+    registry = parse_registry({"allow_empty": True})
+    OverloadCounters(registry, metrics.registry)
+    LifecycleMetrics.create(metrics.registry)
+    families = list(metrics.registry.collect())
+    control_plane = {sample.name for family in families for sample in family.samples}
+    control_plane |= {family.name for family in families}
+    plane = ControlPlane(registry, cache=SnapshotCache(), metrics=ControlPlaneMetrics.create())
+    control_plane |= {family.name for family in EndpointGauges(plane).collect()}
+    control_plane |= {family.name for family in SaturationGauges(lambda: plane.state).collect()}
     control_plane |= {f"{name}_total" for name in control_plane}
     simulator = set(
         re.findall(r'"([A-Za-z_:][A-Za-z0-9_:]*)"', (REPO / "backends/simulator/metrics.py").read_text())
@@ -256,6 +269,17 @@ def test_the_panels_operators_asked_for_are_there() -> None:
         "llm_gateway_generate_requests_total",
         "llm_gateway_generate_duration_seconds_bucket",
         "llm_gateway_generate_tokens_total",
+        # Overload and fallback, launched models' replicas, engines' prefix caches.
+        "llm_gateway_model_saturation",
+        "llm_gateway_shed_requests_total",
+        "llm_gateway_fallback_requests_total",
+        "llm_gateway_model_fallback_active",
+        "llm_gateway_model_replicas",
+        "llm_gateway_model_desired_replicas",
+        "llm_gateway_model_replica_restarts_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:prefix_cache_queries_total",
+        "sglang:cache_hit_rate",
     ]:
         assert metric in text, metric
     for quantile in ("0.5", "0.95", "0.99"):
@@ -264,9 +288,16 @@ def test_the_panels_operators_asked_for_are_there() -> None:
             in text
         )
     assert "envoy_response_code_class" in text
+    assert re.search(
+        r"sum by \(model\) \(rate\(vllm:prefix_cache_hits_total\{[^}]*\}\[\$__rate_interval\]\).*\) / "
+        r"\(sum by \(model\) \(rate\(vllm:prefix_cache_queries_total",
+        text,
+    ), "prefix-cache hit rate per model: rate(hits) / rate(queries)"
     for word in ("requests per second", "status classes", "latency", "time to first token", "prompt tokens",
                  "completion tokens", "timeouts", "retries", "healthy endpoints", "queue depth", "kv-cache",
-                 "gpu memory", "xds nacks"):  # fmt: skip
+                 "gpu memory", "xds nacks", "saturation level", "shed requests", "fallback requests",
+                 "fallback active", "replicas ready vs desired", "replica restarts",
+                 "prefix cache hit rate"):  # fmt: skip
         assert word in titles, word
 
 

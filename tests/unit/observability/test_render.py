@@ -280,6 +280,11 @@ def test_every_required_alert_exists_with_severity_and_annotations() -> None:
         ("HighTimeToFirstToken", ["model"]),
         ("QueueBacklog", ["model", "endpoint"]),
         ("GPUMemoryHigh", ["model", "endpoint"]),
+        ("ModelSaturated", ["model"]),
+        ("DefaultPriorityShed", ["model"]),
+        ("ModelOnFallback", ["model", "fallback"]),
+        ("ModelReplicaRestarts", ["model"]),
+        ("ModelReplicasBelowDesired", ["model"]),
     ],
 )
 def test_alerts_name_what_they_are_about(alert: str, labels: list[str]) -> None:
