@@ -11,7 +11,8 @@
 --      conversations sharing only a system prompt spread; a prefix longer than the window: the window;
 --   4. /v1/completions (`prompt`) or TGI's `inputs`: the first PROMPT_BYTES bytes of the prompt.
 -- No key: the header is removed and Maglev picks at random (still within the load bound).
--- A client's own value of the key header never counts: it is replaced or removed here.
+-- A client's own value of the key header never counts: it is replaced or removed here. A session id over
+-- HINT_BYTES is hashed on its first HINT_BYTES and not passed on to the engine.
 
 local HEAD = 8192         -- bytes searched from the start of the body
 local TAIL = 1024         -- bytes searched at its end for `user` (SDKs write it after `messages`)
@@ -135,6 +136,9 @@ function envoy_on_request(handle)
   end
   -- Fetched again: a headers object does not outlive the body() wait.
   local headers = handle:headers()
+  -- A session id longer than the hint is not passed on: only its first HINT_BYTES count here, and an
+  -- engine may refuse a long header line with a 400 of its own, not the gateway's error.
+  if session and #session > HINT_BYTES then headers:remove(SESSION_HEADER) end
   if key then
     headers:replace(KEY_HEADER, key)
   else

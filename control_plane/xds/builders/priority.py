@@ -67,7 +67,11 @@ def _is_high(state: GatewayState) -> tuple[list[rc.HeaderMatcher], list[metadata
             value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact="high")),
         )
         return [], [key_priority]
-    header = rc.HeaderMatcher(name=state.overload.header, string_match=string_pb2.StringMatcher(exact="high"))
+    # Any case, as the shedding filter reads it (shedding.lua lower-cases the value): a client's `HIGH`
+    # that the filter does not shed must take the reserve too, not the other classes' thresholds.
+    header = rc.HeaderMatcher(
+        name=state.overload.header, string_match=string_pb2.StringMatcher(exact="high", ignore_case=True)
+    )
     return [header], []
 
 
