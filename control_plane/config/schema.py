@@ -273,6 +273,14 @@ class GatewaySettings(Frozen):
     listen_address: str = "127.0.0.1"
     listen_port: int = Field(default=8080, ge=1, le=65_535)
     max_request_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_request_headers_kb: int = Field(
+        default=8,
+        ge=2,
+        le=96,
+        description="Largest request header block Envoy accepts, in KiB (431 request_headers_too_large "
+        "above it). Engines refuse much less than Envoy's own 60 KiB (aiohttp and others: an 8 KiB line) "
+        "with a plain-text 400, so the gateway refuses first, in its own error shape.",
+    )
     stream_idle_timeout_s: PositiveSeconds = 300
     expose_upstream_host: bool = Field(
         default=False,

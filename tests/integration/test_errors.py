@@ -72,6 +72,19 @@ def test_error_replies(stack: Any, kwargs: dict[str, Any], status: int, code: st
         )
 
 
+def test_oversized_headers_get_the_gateways_431(stack: Any) -> None:
+    """Request headers over `max_request_headers_kb` (8 KiB): Envoy's 431 in the gateway's shape, never the
+    engine's plain-text 400 for a long header line; a large header under the limit still goes through."""
+    body = {"model": "qwen2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    url = f"{stack.envoys[0].url}/v1/chat/completions"
+    with httpx.Client(timeout=10) as client:
+        assert client.post(url, json=body, headers={"x-trace": "a" * 6000}).status_code == 200
+        for size in (9000, 20_000, 70_000):
+            reply = client.post(url, json=body, headers={"x-trace": "a" * size})
+            assert_error(reply, 431, "request_headers_too_large", "limit of 8 KiB")
+            assert reply.headers["x-should-retry"] == "false"
+
+
 def test_unknown_paths_are_not_forwarded(stack: Any) -> None:
     with httpx.Client(timeout=10) as client:
         for path in (

@@ -253,6 +253,8 @@ def build_connection_manager(
         delayed_close_timeout=seconds(0.1),
         request_timeout=seconds(settings.request_receive_timeout_s),
         request_headers_timeout=seconds(settings.request_headers_timeout_s),
+        # Over this: 431 request_headers_too_large (local_reply.py), not an engine's plain-text 400.
+        max_request_headers_kb=uint32(settings.max_request_headers_kb),
         common_http_protocol_options=protocol_pb2.HttpProtocolOptions(idle_timeout=seconds(3600)),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         # Normalised paths keep the API allow-list in route.py from being dodged with `..` or `//`.

@@ -165,6 +165,14 @@ def reply_rules(settings: GatewaySettings) -> tuple[ReplyRule, ...]:
             status=413,
             headers=NO_RETRY,
         ),
+        ReplyRule(
+            "invalid_request_error",
+            "request_headers_too_large",
+            f"The request's headers are larger than the gateway's limit of "
+            f"{settings.max_request_headers_kb} KiB.",
+            status=431,
+            headers=NO_RETRY,
+        ),
         ReplyRule("invalid_request_error", "method_not_allowed", BODY, status=405, headers=NO_RETRY),
         # Envoy refuses CONNECT itself (no upgrade is configured) with a bare 403: say what it is.
         ReplyRule(
