@@ -150,7 +150,7 @@ def test_internal_headers_never_reach_the_model_server(stack: Any, echo: EchoSer
         ("0f8fad5b-d9cb-469f-a165-70867728950e", True),
         ("a" * 128, True),
         ("a" * 129, False),
-        ("x" * 10_000, False),
+        ("x" * 7_000, False),  # (a header block over 8 KiB gets 431: test_errors.py)
         ("has space", False),
         ("semi;colon", False),
         ("<script>", False),
