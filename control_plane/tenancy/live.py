@@ -6,7 +6,11 @@ Fed by the access-log stream (an access-log sink that also takes the periodic en
 - requests: a keyed request counts once, when first seen (its first periodic entry, or its end entry
   for a request shorter than the log interval); refusals of the gateway's own limits and model checks do
   not count (they used no quota), answers of the engines do;
-- tokens: the usage accounting's window (usage_limits.TokenLimits), counted at each answer's end;
+- tokens: the usage accounting's window (usage_limits.TokenLimits), counted at each answer's end, plus the
+  `max_tokens` of the key's requests in flight, held for them until they end (OpenAI counts a request's
+  max_tokens against the limit up front): a key whose window and held tokens reach its tokens per minute
+  is refused (429 rate_limit_exceeded for tokens) until requests end or the window moves on, so long
+  streams already running cannot carry it far past its limit;
 - in flight: live_counts.InFlight.
 
 `run()` looks every TICK_S: the table of the active keys (a key with a limit that used something in the
@@ -32,7 +36,8 @@ from control_plane.tenancy.live_counts import Clock, InFlight, RequestId, Reques
 from control_plane.tenancy.publish import KeyPublisher
 from control_plane.tenancy.usage_limits import TokenLimits
 from control_plane.xds.builders.live import LiveEntry
-from control_plane.xds.log_entries import metadata_fields, string_field
+from control_plane.xds.builders.usage import MAX_TOKENS_KEY
+from control_plane.xds.log_entries import metadata_fields, number_field, string_field
 from control_plane.xds.resources import METADATA_NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -76,7 +81,8 @@ class LiveState:
         self.record_live(entry, "")
 
     def record_live(self, entry: accesslog_pb2.HTTPAccessLogEntry, stream: str) -> None:
-        key = metadata_fields(entry, METADATA_NAMESPACE).get("key")
+        gateway = metadata_fields(entry, METADATA_NAMESPACE)
+        key = gateway.get("key")
         if key is None or key.WhichOneof("kind") != "struct_value":
             return
         key_id = string_field(dict(key.struct_value.fields), "key_id")
@@ -92,7 +98,8 @@ class LiveState:
             start.seconds + start.nanos / 1e9,
         )
         if common.access_log_type == _PERIODIC:
-            if self.in_flight.seen(request, key_id):
+            max_tokens = number_field(gateway, MAX_TOKENS_KEY)
+            if self.in_flight.seen(request, key_id, int(max_tokens) if max_tokens else 0):
                 self.requests.add(key_id)
             return
         if self.in_flight.ended(request):
@@ -119,6 +126,7 @@ class LiveState:
         now = self._clock()
         rows = []
         candidates = self.in_flight.keys() | self.requests.keys() | set(self._tokens.recent())
+        held = self.in_flight.reserved()
         for key_id in sorted(candidates):
             key = self._keys.by_id(key_id)
             if key is None:
@@ -127,11 +135,11 @@ class LiveState:
             if settings.rpm_limit is None and settings.tpm_limit is None and settings.max_concurrent is None:
                 continue
             used_rq = self.requests.used(key_id)
-            used_tk = self._tokens.window_tokens(key_id)
+            used_tk = self._tokens.window_tokens(key_id) + held.get(key_id, 0)
             flying = self.in_flight.count(key_id)
             if not (used_rq or used_tk or flying):
                 continue
-            limit = settings.max_concurrent
+            limit, tpm = settings.max_concurrent, settings.tpm_limit
             rows.append(
                 LiveEntry(
                     key_id=key_id,
@@ -141,6 +149,7 @@ class LiveState:
                     tokens_reset_at=refill_at(now, used_tk, settings.tpm_limit),
                     in_flight=flying,
                     blocked_at=limit if limit is not None and flying >= limit else 0,
+                    tokens_blocked_at=tpm if tpm is not None and held.get(key_id) and used_tk >= tpm else 0,
                 )
             )
         return tuple(rows)
@@ -151,8 +160,8 @@ class LiveState:
         if rows == self._published:
             return False
         elapsed = self._monotonic() - self._last_push
-        blocked = {r.key_id for r in rows if r.blocked_at}
-        was_blocked = {r.key_id for r in self._published or () if r.blocked_at}
+        blocked = {r.key_id for r in rows if r.blocked_at or r.tokens_blocked_at}
+        was_blocked = {r.key_id for r in self._published or () if r.blocked_at or r.tokens_blocked_at}
         wait = BLOCK_PUSH_INTERVAL_S if blocked != was_blocked else PUSH_INTERVAL_S
         if self._published is not None and elapsed < wait:
             return False
@@ -161,11 +170,12 @@ class LiveState:
         self._published = rows
         self.pushes += 1
         if blocked != was_blocked:
-            log.info("keys at their concurrency limit: %s", ", ".join(sorted(blocked)) or "none")
+            names = ", ".join(sorted(blocked)) or "none"
+            log.info("keys at their concurrency or held-token limit: %s", names)
         return True
 
     def blocked(self) -> set[str]:
-        return {r.key_id for r in self._published or () if r.blocked_at}
+        return {r.key_id for r in self._published or () if r.blocked_at or r.tokens_blocked_at}
 
     def start(self) -> None:
         if self._task is None:

@@ -36,6 +36,7 @@ RequestId = tuple[str, str, str, float]  # (log stream, stream id, downstream ad
 class _Flight:
     key_id: str
     seen: float
+    reserved: int = 0  # tokens held for it until it ends: its max_tokens (OpenAI counts them up front)
 
 
 class InFlight:
@@ -49,9 +50,10 @@ class InFlight:
         self._ended: dict[RequestId, float] = {}  # insertion order = time order
         self._expired: dict[RequestId, float] = {}  # dropped unrenewed: in flight again if renewed late
 
-    def seen(self, request: RequestId, key_id: str) -> bool:
-        """A periodic entry: the request is (still) in flight. True when it is new here (not when its
-        renewal only came late, after it expired: it was counted then)."""
+    def seen(self, request: RequestId, key_id: str, reserved: int = 0) -> bool:
+        """A periodic entry: the request is (still) in flight, holding `reserved` tokens of its key's
+        per-minute limit until it ends. True when it is new here (not when its renewal only came late,
+        after it expired: it was counted then)."""
         now = self._clock()
         if request in self._ended:
             return False
@@ -59,7 +61,7 @@ class InFlight:
         if flight is not None:
             flight.seen = now
             return False
-        self._flights[request] = _Flight(key_id, now)
+        self._flights[request] = _Flight(key_id, now, max(0, reserved))
         self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
         return self._expired.pop(request, None) is None
 
@@ -88,6 +90,14 @@ class InFlight:
 
     def count(self, key_id: str) -> int:
         return self._per_key.get(key_id, 0)
+
+    def reserved(self) -> dict[str, int]:
+        """Tokens held per key by its requests in flight (keys holding none are left out)."""
+        out: dict[str, int] = {}
+        for flight in self._flights.values():
+            if flight.reserved:
+                out[flight.key_id] = out.get(flight.key_id, 0) + flight.reserved
+        return out
 
     def keys(self) -> set[str]:
         return set(self._per_key)

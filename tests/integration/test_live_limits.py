@@ -229,3 +229,53 @@ def test_the_remaining_count_holds_across_envoys(stack: Any) -> None:
         return answer.status_code == 200 and int(answer.headers["x-ratelimit-remaining-requests"]) <= 480
 
     eventually(seen_on_the_other, 15, "the first Envoy's requests in the second Envoy's remaining count")
+
+
+def test_streams_in_flight_hold_their_max_tokens_against_the_tokens_per_minute(stack: Any) -> None:
+    """Ten 8-second streams (max_tokens 400) of one key arriving 2 per second against 1,000 tokens per
+    minute. Counted only at their end, all ten would run (4,000 tokens) before the first one ended; held
+    up front (OpenAI's way), refusals start once the control plane has seen three in flight (1,200), so
+    the streams admitted are bounded by three plus what arrives in the feedback time (generous here)."""
+    envoy = stack.envoys[0]
+    before = listener_changes(envoy.admin_url)
+    tpm, streams, per_second, tokens = 1000, 10, 2.0, 400
+    key = create_key(stack, name="held", tpm_limit=tpm)
+    headers = {"authorization": f"Bearer {key['key']}"}
+    body = {
+        "model": "llama3",
+        "stream": True,
+        "max_tokens": tokens,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    admitted: list[int] = []
+    refused: list[httpx.Response] = []
+    lock = threading.Lock()
+    start = time.monotonic() + 0.3
+
+    def one(index: int) -> None:
+        time.sleep(max(0.0, start + index / per_second - time.monotonic()))
+        with httpx.stream(
+            "POST", f"{envoy.url}/v1/chat/completions", json=body, headers=headers, timeout=60
+        ) as r:
+            if r.status_code != 200:
+                r.read()
+                with lock:
+                    refused.append(r)
+                return
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]"
+        with lock:
+            admitted.append(index)
+
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(one, range(streams)))
+    print(f"admitted {sorted(admitted)}, refused {len(refused)}")
+    assert refused, "no stream was refused: the held tokens did nothing"
+    assert len(admitted) <= 3 + int(2.5 * per_second), admitted
+    for response in refused:
+        assert response.status_code == 429, response.text
+        error = response.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "tokens", error
+        assert response.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert any("in flight" in r.json()["error"]["message"] for r in refused), refused[0].text
+    assert listener_changes(envoy.admin_url) == before

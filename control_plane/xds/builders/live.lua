@@ -10,10 +10,11 @@
 -- its new requests are refused until a later table lifts it (builders/live.py). A key absent from
 -- the table used nothing lately. Limits come from the key check's metadata (`gateway.key`: rpm, tpm).
 local LIVE = {}
-for id, used_rq, reset_rq, used_tk, reset_tk, in_flight, blocked in string.gmatch(LIVE_DATA,
-    "([^\t\n]+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\n") do
+for id, used_rq, reset_rq, used_tk, reset_tk, in_flight, blocked, tk_blocked in string.gmatch(LIVE_DATA,
+    "([^\t\n]+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\n") do
   LIVE[id] = { used_rq = tonumber(used_rq), reset_rq = tonumber(reset_rq), used_tk = tonumber(used_tk),
-    reset_tk = tonumber(reset_tk), in_flight = in_flight, blocked = blocked ~= "0" and blocked or nil }
+    reset_tk = tonumber(reset_tk), in_flight = in_flight, blocked = blocked ~= "0" and blocked or nil,
+    tokens_blocked = tk_blocked ~= "0" and tk_blocked or nil }
 end
 
 local floor = math.floor

@@ -5,7 +5,8 @@ What it does with the table (live.lua):
 - on every answer to a key with limits, OpenAI's `x-ratelimit-remaining-requests|tokens` (the limit less
   what the key used in the last minute across every Envoy, never below 0) and `x-ratelimit-reset-*` (how
   long until the used part has refilled at the limit's rate, as `42s` or `6m0s`);
-- while a key is at its concurrency limit (`max_concurrent`), its new requests get 429
+- while a key is at its concurrency limit (`max_concurrent`), or its tokens in the last minute plus the
+  `max_tokens` its requests in flight hold reach its tokens per minute, its new requests get 429
   `rate_limit_exceeded` with `retry-after: 1`. That part of the code is there only while some key is at
   its limit: otherwise the filter is not entered on the request path at all.
 
@@ -50,6 +51,15 @@ function envoy_on_request(handle)
     handle:respond({ [":status"] = "429", ["retry-after"] = "1" },
       "Too many concurrent requests on the API key `" .. key.key_name .. "`: limit " .. live.blocked ..
       " requests in flight. Retry after 1 s.")
+  elseif live and live.tokens_blocked then
+    -- The key check's own code for its tokens-per-minute refusal: the same 429 (local_reply.py).
+    handle:streamInfo():dynamicMetadata():set("gateway.key", "error", "rate_limit_exceeded")
+    handle:respond({ [":status"] = "429", ["retry-after"] = "1",
+        ["x-ratelimit-limit-tokens"] = live.tokens_blocked, ["x-ratelimit-remaining-tokens"] = "0",
+        ["x-ratelimit-reset-tokens"] = "1s" },
+      "Rate limit reached for tokens on the API key `" .. key.key_name .. "`: limit " ..
+      live.tokens_blocked .. " tokens per minute, counting the max_tokens of its requests in flight. " ..
+      "Retry after 1 s.")
   end
 end
 """.replace("CONCURRENCY_REFUSAL", CONCURRENCY_REFUSAL)
@@ -66,6 +76,9 @@ class LiveEntry:
     tokens_reset_at: int = 0
     in_flight: int = 0
     blocked_at: int = 0  # the concurrency limit, when reached; 0: not refused
+    # The tokens-per-minute limit, when the window's tokens and those held by requests in flight reach
+    # it (tenancy/live.py); 0: not refused here (the key table refuses a key whose window alone is full).
+    tokens_blocked_at: int = 0
 
     def line(self) -> str:
         fields = [
@@ -79,6 +92,7 @@ class LiveEntry:
                     self.tokens_reset_at,
                     self.in_flight,
                     self.blocked_at,
+                    self.tokens_blocked_at,
                 )
             ),
         ]
@@ -101,7 +115,7 @@ def _packed(msg: message.Message) -> any_pb2.Any:
 def live_source(entries: Iterable[LiveEntry]) -> str:
     rows = sorted(entries, key=lambda e: e.key_id)
     code = f"local LIVE_DATA = [=====[\n{''.join(e.line() for e in rows)}]=====]\n{_code()}"
-    if any(e.blocked_at for e in rows):
+    if any(e.blocked_at or e.tokens_blocked_at for e in rows):
         code += _BLOCK
     return code
 

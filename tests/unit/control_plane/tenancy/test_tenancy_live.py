@@ -27,9 +27,16 @@ KEY_SOURCE = "local KEY_DATA = ''\n" + key_code()
 
 
 def entry(
-    stream_id: str, key_id: str = KEY_A, periodic: bool = False, code: str | None = None, port: int = 5000
+    stream_id: str,
+    key_id: str = KEY_A,
+    periodic: bool = False,
+    code: str | None = None,
+    port: int = 5000,
+    max_tokens: int | None = None,
 ) -> accesslog_pb2.HTTPAccessLogEntry:
-    out = keyed_entry(key_id, "team", "qwen2", status=429 if code else 200, code=code, start=T0)
+    out = keyed_entry(
+        key_id, "team", "qwen2", status=429 if code else 200, code=code, start=T0, max_tokens=max_tokens
+    )
     out.common_properties.stream_id = stream_id
     out.common_properties.downstream_remote_address.socket_address.address = "127.0.0.1"
     out.common_properties.downstream_remote_address.socket_address.port_value = port
@@ -136,6 +143,34 @@ def test_the_concurrency_limit_blocks_and_lifts_with_paced_pushes() -> None:
     asyncio.run(scenario())
 
 
+def test_requests_in_flight_hold_their_max_tokens_against_the_tokens_per_minute() -> None:
+    """OpenAI counts max_tokens against the limit up front: while a key's requests in flight hold enough
+    of them to reach its tokens per minute, new requests are refused; they are released at each end."""
+
+    async def scenario() -> None:
+        t = Live()
+        await t.keys(api_key(KEY_A, "team", tpm_limit=1000))
+        t.live.record_live(entry("r1", periodic=True, max_tokens=600), "s1")
+        t.live.record_live(entry("r1", periodic=True, max_tokens=600), "s1")  # a renewal: held once
+        row = t.row()
+        assert row is not None and row.tokens == 600 and not row.tokens_blocked_at
+        t.live.record_live(entry("r2", periodic=True, max_tokens=500, port=5001), "s1")
+        row = t.row()
+        assert row is not None and row.tokens == 1100 and row.tokens_blocked_at == 1000
+        assert await t.live.tick() and t.live.blocked() == {KEY_A}
+        assert "tokens_blocked" in live_source(t.pushed[-1])
+        t.live.record_live(entry("r2", max_tokens=500, port=5001), "s1")  # ends: its tokens released
+        row = t.row()
+        assert row is not None and row.tokens == 600 and not row.tokens_blocked_at
+        t.mono.now += 0.3
+        assert await t.live.tick() and t.live.blocked() == set()
+        t.live.record_live(entry("r3", periodic=True, port=5002), "s1")  # no max_tokens: holds nothing
+        row = t.row()
+        assert row is not None and row.tokens == 600
+
+    asyncio.run(scenario())
+
+
 def test_a_revoked_key_leaves_no_live_state() -> None:
     async def scenario() -> None:
         t = Live()
@@ -168,7 +203,7 @@ def test_the_request_window_slides_over_a_minute() -> None:
 def test_the_lua_data_and_the_refusal_code_only_while_a_key_is_at_its_limit() -> None:
     rows = (LiveEntry(KEY_A, 3, int(T0) + 2, 40, int(T0) + 5, 1), LiveEntry(KEY_B, in_flight=2, blocked_at=2))
     source = live_source(rows)
-    assert f"{KEY_A}\t3\t{int(T0) + 2}\t40\t{int(T0) + 5}\t1\t0\n" in source
+    assert f"{KEY_A}\t3\t{int(T0) + 2}\t40\t{int(T0) + 5}\t1\t0\t0\n" in source
     assert "function envoy_on_request" in source and "concurrency_limit" in source
     assert "function envoy_on_request" not in live_source(rows[:1])
     with pytest.raises(ValueError):
@@ -218,7 +253,11 @@ def test_the_access_log_stream_gives_periodic_entries_only_to_the_live_state() -
 def test_envoy_loads_the_live_code_with_and_without_the_refusal(tmp_path: Path) -> None:
     """Envoy's validate mode compiles a Lua filter's code: both shapes of the live filter load, next to
     the key check (which no longer has a response hook)."""
-    rows = (LiveEntry(KEY_A, 3, int(T0) + 2, 40, int(T0) + 5, 1), LiveEntry(KEY_B, in_flight=2, blocked_at=2))
+    rows = (
+        LiveEntry(KEY_A, 3, int(T0) + 2, 40, int(T0) + 5, 1),
+        LiveEntry(KEY_B, in_flight=2, blocked_at=2),
+        LiveEntry("key_c", tokens=900, in_flight=1, tokens_blocked_at=800),
+    )
     lua = {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"}
     router = {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
     for name, entries in (("plain", rows[:1]), ("blocking", rows)):
