@@ -49,6 +49,42 @@ def listener_changes(admin_url: str) -> tuple[int, int]:
         )
 
 
+def stream_arrivals(
+    url: str, api_key: str, streams: int, per_second: float, tokens: int
+) -> tuple[list[tuple[float, float]], list[httpx.Response]]:
+    """`streams` streams of `tokens` tokens from llama3 (20 ms each) for one key, arriving `per_second`:
+    the (start, end) of every admitted one, read to its [DONE], and the refused answers."""
+    headers = {"authorization": f"Bearer {api_key}"}
+    body = {
+        "model": "llama3",
+        "stream": True,
+        "max_tokens": tokens,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    admitted: list[tuple[float, float]] = []
+    refused: list[httpx.Response] = []
+    lock = threading.Lock()
+    start = time.monotonic() + 0.3
+
+    def one(index: int) -> None:
+        time.sleep(max(0.0, start + index / per_second - time.monotonic()))
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            began = time.monotonic()
+            if r.status_code != 200:
+                r.read()
+                with lock:
+                    refused.append(r)
+                return
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]"
+        with lock:
+            admitted.append((began, time.monotonic()))
+
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(one, range(streams)))
+    return admitted, refused
+
+
 def test_remaining_limits_on_every_answer_through_the_openai_sdk(stack: Any) -> None:
     envoy = stack.envoys[0]
     before = listener_changes(envoy.admin_url)
@@ -115,36 +151,7 @@ def test_the_concurrency_limit_is_a_soft_one_with_a_bounded_overrun(stack: Any) 
     before = listener_changes(envoy.admin_url)
     limit, streams, per_second, tokens = 5, 30, 4.0, 400  # 400 tokens at 20 ms each: 8 s
     key = create_key(stack, name="bounded", max_concurrent=limit)
-    headers = {"authorization": f"Bearer {key['key']}"}
-    body = {
-        "model": "llama3",
-        "stream": True,
-        "max_tokens": tokens,
-        "messages": [{"role": "user", "content": "x"}],
-    }
-    admitted: list[tuple[float, float]] = []
-    refused: list[httpx.Response] = []
-    lock = threading.Lock()
-    start = time.monotonic() + 0.3
-
-    def one(index: int) -> None:
-        time.sleep(max(0.0, start + index / per_second - time.monotonic()))
-        with httpx.stream(
-            "POST", f"{envoy.url}/v1/chat/completions", json=body, headers=headers, timeout=60
-        ) as r:
-            began = time.monotonic()
-            if r.status_code != 200:
-                r.read()
-                with lock:
-                    refused.append(r)
-                return
-            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-            assert lines[-1] == "data: [DONE]"
-        with lock:
-            admitted.append((began, time.monotonic()))
-
-    with ThreadPoolExecutor(streams) as pool:
-        list(pool.map(one, range(streams)))
+    admitted, refused = stream_arrivals(envoy.url, key["key"], streams, per_second, tokens)
     events = sorted([(b, 1) for b, _ in admitted] + [(e, -1) for _, e in admitted])
     peak = running = 0
     for _, step in events:
@@ -240,36 +247,8 @@ def test_streams_in_flight_hold_their_max_tokens_against_the_tokens_per_minute(s
     before = listener_changes(envoy.admin_url)
     tpm, streams, per_second, tokens = 1000, 10, 2.0, 400
     key = create_key(stack, name="held", tpm_limit=tpm)
-    headers = {"authorization": f"Bearer {key['key']}"}
-    body = {
-        "model": "llama3",
-        "stream": True,
-        "max_tokens": tokens,
-        "messages": [{"role": "user", "content": "x"}],
-    }
-    admitted: list[int] = []
-    refused: list[httpx.Response] = []
-    lock = threading.Lock()
-    start = time.monotonic() + 0.3
-
-    def one(index: int) -> None:
-        time.sleep(max(0.0, start + index / per_second - time.monotonic()))
-        with httpx.stream(
-            "POST", f"{envoy.url}/v1/chat/completions", json=body, headers=headers, timeout=60
-        ) as r:
-            if r.status_code != 200:
-                r.read()
-                with lock:
-                    refused.append(r)
-                return
-            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-            assert lines[-1] == "data: [DONE]"
-        with lock:
-            admitted.append(index)
-
-    with ThreadPoolExecutor(streams) as pool:
-        list(pool.map(one, range(streams)))
-    print(f"admitted {sorted(admitted)}, refused {len(refused)}")
+    admitted, refused = stream_arrivals(envoy.url, key["key"], streams, per_second, tokens)
+    print(f"admitted {len(admitted)}, refused {len(refused)}")
     assert refused, "no stream was refused: the held tokens did nothing"
     assert len(admitted) <= 3 + int(2.5 * per_second), admitted
     for response in refused:
