@@ -75,11 +75,7 @@ class LiveState:
         self._task: asyncio.Task[None] | None = None
         self.pushes = 0
 
-    # The access-log sink
-    def record(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
-        """Entries without their log stream: as from one stream (xds/als.py passes the stream)."""
-        self.record_live(entry, "")
-
+    # The access-log sink (xds/als.py LiveSink)
     def record_live(self, entry: accesslog_pb2.HTTPAccessLogEntry, stream: str) -> None:
         gateway = metadata_fields(entry, METADATA_NAMESPACE)
         key = gateway.get("key")

@@ -27,7 +27,7 @@ from control_plane.tenancy.service import KeyListener, KeyService
 from control_plane.tenancy.store import SqliteKeyStore
 from control_plane.tenancy.usage import UsageAccounting, UsageSettings
 from control_plane.tenancy.usage_store import SqliteUsageStore
-from control_plane.xds.als import EntrySink
+from control_plane.xds.als import EntrySink, LiveSink
 from control_plane.xds.auth import XdsAuthenticator
 
 
@@ -45,7 +45,7 @@ class TenancyWiring:
     key_listeners: tuple[KeyListener, ...] = ()
 
     @property
-    def sinks(self) -> tuple[EntrySink, ...]:
+    def sinks(self) -> tuple[EntrySink | LiveSink, ...]:
         """For the access-log servicer: the usage accounting counts the keyed entries; the live state
         (remaining limits, requests in flight) takes the periodic ones too."""
         return (self.usage, self.live)

@@ -146,9 +146,11 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     second with API keys on: builders/access_log.py) go only to the live sinks: every other sink counts a
     request once, at its end."""
 
-    def __init__(self, sinks: Sequence[EntrySink], authenticator: XdsAuthenticator | None = None) -> None:
+    def __init__(
+        self, sinks: Sequence[EntrySink | LiveSink], authenticator: XdsAuthenticator | None = None
+    ) -> None:
         self._live: tuple[LiveSink, ...] = tuple(s for s in sinks if isinstance(s, LiveSink))
-        self._sinks = tuple(s for s in sinks if not isinstance(s, LiveSink))
+        self._sinks: tuple[EntrySink, ...] = tuple(s for s in sinks if not isinstance(s, LiveSink))
         self._auth = authenticator
         self._streams = itertools.count(1)
 
