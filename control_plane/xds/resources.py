@@ -31,3 +31,17 @@ def cluster_name(model_id: str) -> str:
         # Two ids may sanitise to the same string; a short hash of the original keeps them apart.
         safe += "_" + hashlib.sha256(model_id.encode()).hexdigest()[:8]
     return f"model_{safe}"
+
+
+# The route of each name a model answers to (route.py). Fallbacks, shedding and the high-priority reserve
+# rewrite these routes and find them by this name.
+MODEL_ROUTE_PREFIX = "model:"
+
+
+def model_route_name(client_name: str) -> str:
+    return f"{MODEL_ROUTE_PREFIX}{client_name}"
+
+
+def model_route_client_name(route_name: str) -> str | None:
+    """The model name (id or alias) a model route answers to; None for any other route."""
+    return route_name.removeprefix(MODEL_ROUTE_PREFIX) if route_name.startswith(MODEL_ROUTE_PREFIX) else None

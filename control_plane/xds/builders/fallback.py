@@ -23,12 +23,11 @@ from control_plane.xds.builders.generate import (
     rename_per_route,
     route_data,
 )
-from control_plane.xds.resources import cluster_name
+from control_plane.xds.resources import cluster_name, model_route_client_name
 
 FALLBACK_ROUTE_PREFIX = "fallback:"
 MODEL_HEADER = "x-gateway-model"
 FALLBACK_FROM_HEADER = "x-gateway-fallback-from"
-_MODEL_ROUTE_PREFIX = "model:"
 
 
 def fallback_route_name(client_name: str, fallback_id: str) -> str:
@@ -51,7 +50,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def switch_route(route: rc.Route, model: ModelState, fallback: ModelState) -> rc.Route:
     """A copy of one of `model`'s routes sending its requests to `fallback`'s servers."""
-    client_name = route.name.removeprefix(_MODEL_ROUTE_PREFIX)
+    client_name = model_route_client_name(route.name) or route.name
     out = rc.Route()
     out.CopyFrom(route)
     out.name = fallback_route_name(client_name, fallback.id)
@@ -81,9 +80,9 @@ def apply_fallbacks(routes: list[rc.Route], state: GatewayState) -> list[rc.Rout
     switched = dict(state.fallbacks)
     out = []
     for route in routes:
-        model_id = names.get(route.name.removeprefix(_MODEL_ROUTE_PREFIX))
+        model_id = names.get(model_route_client_name(route.name) or "")
         target = switched.get(model_id or "")
-        if route.name.startswith(_MODEL_ROUTE_PREFIX) and model_id and target in by_id:
+        if model_id and target in by_id:
             out.append(switch_route(route, by_id[model_id], by_id[target]))
         else:
             out.append(route)

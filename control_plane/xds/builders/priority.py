@@ -27,10 +27,9 @@ from google.protobuf import any_pb2, struct_pb2
 from control_plane.state import GatewayState, ModelState
 from control_plane.xds.builders._common import uint32
 from control_plane.xds.builders.shedding import SHED_CODE_NAME, SHED_FILTER_NAME
-from control_plane.xds.resources import METADATA_NAMESPACE
+from control_plane.xds.resources import METADATA_NAMESPACE, model_route_client_name
 
 HIGH_ROUTE_PREFIX = "high:"
-_MODEL_ROUTE_PREFIX = "model:"
 
 
 def reserve_of(model: ModelState) -> int:
@@ -98,8 +97,8 @@ def apply_priority_routes(routes: list[rc.Route], state: GatewayState) -> list[r
     headers, metadata = _is_high(state)
     out = []
     for route in routes:
-        name = route.name.removeprefix(_MODEL_ROUTE_PREFIX)
-        if not route.name.startswith(_MODEL_ROUTE_PREFIX) or name not in names:
+        name = model_route_client_name(route.name)
+        if name is None or name not in names:
             out.append(route)
             continue
         high = rc.Route()

@@ -36,7 +36,7 @@ from control_plane.xds.builders.prefix_affinity import hash_policy, prefix_per_r
 from control_plane.xds.builders.priority import apply_priority_routes
 from control_plane.xds.builders.retry import retry_policy, route_idle_timeout_s
 from control_plane.xds.builders.shedding import apply_shedding
-from control_plane.xds.resources import METADATA_NAMESPACE, ROUTE_CONFIG_NAME, cluster_name
+from control_plane.xds.resources import METADATA_NAMESPACE, ROUTE_CONFIG_NAME, cluster_name, model_route_name
 
 # Paths of the inference APIs the gateway forwards (OpenAI, TGI native, TEI). Anything else, such as an
 # engine's /metrics or weight-update endpoints, is not reachable through the gateway.
@@ -165,7 +165,7 @@ def _model_routes(model: ModelState, keys_checked: bool = False) -> list[rc.Rout
         limits = model.config.limits
         routes.append(
             rc.Route(
-                name=f"model:{name}",
+                name=model_route_name(name),
                 match=match,
                 metadata=_model_route_metadata(model, keys_checked),
                 # The rename filter (served_model) and the prefix-key filter (prefix_affinity): on this

@@ -25,12 +25,12 @@ from google.protobuf import any_pb2, message
 
 from control_plane.state import GatewayState
 from control_plane.xds.builders._common import struct
+from control_plane.xds.resources import model_route_client_name
 
 SHED_FILTER_NAME = "gateway.shedding"
 # Dynamic metadata a shed request carries (its class): the local reply rule and the counters key on it.
 SHED_NAMESPACE = "gateway.shed"
 SHED_CODE_NAME = "shed"
-_MODEL_ROUTE_PREFIX = "model:"
 
 
 @cache
@@ -78,8 +78,8 @@ def apply_shedding(routes: list[rc.Route], state: GatewayState) -> list[rc.Route
     names = {name: m.id for m in state.models if m.id in levels for name in m.config.names}
     out = []
     for route in routes:
-        model_id = names.get(route.name.removeprefix(_MODEL_ROUTE_PREFIX))
-        if not route.name.startswith(_MODEL_ROUTE_PREFIX) or model_id is None:
+        model_id = names.get(model_route_client_name(route.name) or "")
+        if model_id is None:
             out.append(route)
             continue
         shed = rc.Route()
